@@ -1,0 +1,196 @@
+"""`crawl2chat`: run the pipeline and inspect its artifacts.
+
+    crawl2chat run --preset tiny [--source DIR|URL] [--until STAGE] [--set stage.field=value ...]
+    crawl2chat status
+    crawl2chat artifacts list [STAGE] | show REF | lineage REF [--down] | verify [REF]
+
+REF is `stage`, `stage/latest`, `stage/<version>` or a version prefix. The store is ./artifacts unless
+--root or CRAWL2CHAT_ROOT says otherwise (a path or an fsspec URL). Errors are one line that names the fix,
+with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from stages.artifacts import ArtifactError, ArtifactStore
+from stages.common import StageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Common Crawl -> chat model, one versioned stage at a time.")
+artifacts_app = typer.Typer(no_args_is_help=True, help="List, inspect, trace and verify artifacts.")
+app.add_typer(artifacts_app, name="artifacts")
+console = Console()
+
+ROOT = typer.Option(None, "--root", envvar="CRAWL2CHAT_ROOT", help="artifact store: path or fsspec URL")
+
+
+def _root(root: Optional[str]) -> str:
+    return root or "artifacts"
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _store(root: Optional[str]) -> ArtifactStore:
+    return ArtifactStore(_root(root))
+
+
+# ---- run -----------------------------------------------------------------------------------------------------
+@app.command()
+def run(preset: str = typer.Option("tiny", help="tiny | small | d20"),
+        source: Optional[str] = typer.Option(None, help="Common-Crawl-layout folder or URL (overrides the preset)"),
+        until: Optional[str] = typer.Option(None, help="stop after this stage"),
+        set_: list[str] = typer.Option([], "--set", help="override: stage.field=value (repeatable)"),
+        root: Optional[str] = ROOT):
+    """Run the DAG end to end (unchanged stages are reused)."""
+    from flows import presets
+
+    try:
+        presets.load(preset, set_, source)  # fail fast, before Prefect starts, on a bad preset or override
+        if until is not None and until not in presets.STAGES:
+            raise StageError(f"unknown stage '{until}' for --until: choose one of {', '.join(presets.STAGES)}")
+        if source and "://" not in source and not os.path.isdir(source):
+            raise StageError(f"source folder {source} does not exist: give a Common-Crawl-layout folder "
+                             f"(crawl-data/CC-MAIN-*/warc.paths.gz) or an http(s)/s3 URL")
+        from flows.pipeline import end_to_end
+
+        built = end_to_end(preset=preset, overrides=list(set_), source=source, until=until, root=_root(root))
+    except (StageError, ArtifactError) as e:
+        _fail(str(e))
+    console.print(f"[bold green]done[/] ({len(built)} stages); artifacts in {_root(root)}")
+    for stage, ref in built.items():
+        console.print(f"  {stage:16} {ref}")
+
+
+# ---- status --------------------------------------------------------------------------------------------------
+KEY_STATS = ("files", "docs_out", "vocab_size", "train_tokens", "val_loss", "val_bpb", "val_assistant_loss",
+             "val_accuracy", "val_reward_after")
+
+
+@app.command()
+def status(root: Optional[str] = ROOT):
+    """The latest artifact of every stage, with its headline numbers."""
+    from flows.presets import STAGES
+
+    store = _store(root)
+    table = Table(title=f"artifacts in {store.root}")
+    for col in ("stage", "latest", "versions", "ended", "headline"):
+        table.add_column(col)
+    for name in STAGES:
+        latest = store.read_alias(name, "latest")
+        if not latest:
+            table.add_row(name, "-", "0", "", "not run yet")
+            continue
+        m = store.manifest(name, latest)
+        head = ", ".join(f"{k}={_fmt(m['stats'][k])}" for k in KEY_STATS if k in m["stats"])
+        table.add_row(name, latest, str(len(store.versions(name))), m["ended"], head)
+    console.print(table)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# ---- artifacts -----------------------------------------------------------------------------------------------
+def _resolve(store: ArtifactStore, ref: str) -> tuple[str, str]:
+    try:
+        return store.resolve(ref)
+    except ArtifactError as e:
+        _fail(str(e))
+
+
+@artifacts_app.command("list")
+def list_(stage: Optional[str] = typer.Argument(None), root: Optional[str] = ROOT):
+    """Committed artifacts, oldest first."""
+    store = _store(root)
+    table = Table()
+    for col in ("artifact", "ended", "inputs", "aliases"):
+        table.add_column(col)
+    stages = [stage] if stage else store.stages()
+    for s in stages:
+        for v in store.versions(s):
+            m = store.manifest(s, v)
+            aliases = "latest" if store.read_alias(s, "latest") == v else ""
+            table.add_row(f"{s}/{v}", m["ended"], ", ".join(f"{i['stage']}/{i['version']}" for i in m["inputs"]),
+                          aliases)
+    console.print(table)
+
+
+@artifacts_app.command()
+def show(ref: str, root: Optional[str] = ROOT):
+    """The manifest of one artifact (config, inputs, stats, files) as JSON."""
+    store = _store(root)
+    stage, version = _resolve(store, ref)
+    m = store.manifest(stage, version)
+    m["path"] = f"{store.root}/{stage}/{version}"
+    console.print_json(json.dumps(m, default=str))
+
+
+@artifacts_app.command()
+def lineage(ref: str, down: bool = typer.Option(False, "--down", help="what was built from it, not what fed it"),
+            root: Optional[str] = ROOT):
+    """What fed an artifact, back to the WARC files (or, with --down, everything built from it)."""
+    store = _store(root)
+    stage, version = _resolve(store, ref)
+    if down:
+        for child in store.downstream(stage, version):
+            console.print(child)
+        return
+
+    def add(node: Tree, up: dict) -> None:
+        branch = node.add(f"[bold]{up['ref']}[/]  ({up['manifest']['ended']})")
+        if up["manifest"]["stage"] == "download":
+            for f in up["manifest"]["stats"].get("fetched_files", []) or _warc_files(up["manifest"]):
+                branch.add(f)
+        for i in up["inputs"]:
+            add(branch, i)
+
+    tree = Tree(f"lineage of {stage}/{version}")
+    add(tree, store.upstream(stage, version))
+    console.print(tree)
+
+
+def _warc_files(manifest: dict) -> list[str]:
+    return [f["path"] for f in manifest["files"] if f["path"].endswith(".warc.gz")]
+
+
+@artifacts_app.command()
+def verify(ref: Optional[str] = typer.Argument(None, help="one artifact; all committed ones when left out"),
+           root: Optional[str] = ROOT):
+    """Re-hash every file against its manifest; exit 1 on any difference."""
+    store = _store(root)
+    targets = [_resolve(store, ref)] if ref else [(s, v) for s in store.stages() for v in store.versions(s)]
+    bad = 0
+    for stage, version in targets:
+        problems = store.verify(stage, version)
+        if problems:
+            bad += 1
+            console.print(f"[red]CORRUPT[/] {stage}/{version}")
+            for p in problems:
+                console.print(f"    {p}", highlight=False)
+        else:
+            console.print(f"[green]ok[/] {stage}/{version}")
+    if bad:
+        _fail(f"{bad} of {len(targets)} artifacts differ from their manifests: delete them "
+              f"and re-run the pipeline to rebuild them")
+
+
+def main():
+    try:
+        app()
+    except (StageError, ArtifactError) as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

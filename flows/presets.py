@@ -1,0 +1,110 @@
+"""Presets: functions that start from a base PipelineConfig and change a few fields.
+
+    tiny  the smoke run: the Common Crawl sample that ships in data/tiny-cc, a 2-layer model, whole DAG on
+          2 CPU cores in minutes. Tests and CI use it.
+    small a 12-layer model on 8 live Common Crawl files; a single GPU in hours.
+    d20   nanochat's speedrun size (depth 20, about 560M parameters) on 240 live files; one 8xH100 node.
+
+Model size follows one dial, pretrain.depth (width, heads, learning rate and token budget derive from it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from stages import download, extract, pretrain, reward_model, rl, sft, tokenize_shards, train_tokenizer
+from stages.common import StageError, apply_overrides, parse_assignment
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data"
+
+# The DAG's stages in order; flows/pipeline.py wires their inputs.
+STAGES = {m.NAME: m for m in (download, extract, train_tokenizer, tokenize_shards, pretrain, sft, reward_model, rl)}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    preset: str = "base"
+    download: download.Config = field(default_factory=download.Config)
+    extract: extract.Config = field(default_factory=extract.Config)
+    train_tokenizer: train_tokenizer.Config = field(default_factory=train_tokenizer.Config)
+    tokenize_shards: tokenize_shards.Config = field(default_factory=tokenize_shards.Config)
+    pretrain: pretrain.Config = field(default_factory=pretrain.Config)
+    sft: sft.Config = field(default_factory=lambda: sft.Config(data=str(DATA / "conversations/hh-rlhf-dialogues.800.jsonl")))
+    reward_model: reward_model.Config = field(default_factory=lambda: reward_model.Config(data=str(DATA / "preferences/hh-rlhf-pairs.800.jsonl")))
+    rl: rl.Config = field(default_factory=lambda: rl.Config(prompts=str(DATA / "preferences/hh-rlhf-pairs.800.jsonl")))
+
+    def stage(self, name: str):
+        return getattr(self, name)
+
+
+def _set(cfg: PipelineConfig, **stages: dict) -> PipelineConfig:
+    """Change fields of several stage configs: _set(cfg, pretrain=dict(depth=2), sft=dict(steps=10))."""
+    return replace(cfg, **{name: replace(cfg.stage(name), **changes) for name, changes in stages.items()})
+
+
+def base() -> PipelineConfig:
+    return PipelineConfig()
+
+
+def tiny() -> PipelineConfig:
+    cfg = _set(
+        base(),
+        download=dict(source=str(DATA / "tiny-cc"), crawl="CC-MAIN-2024-22", num_files=0),
+        train_tokenizer=dict(vocab_size=2048, heldout_chars=50_000),
+        tokenize_shards=dict(val_fraction=0.1),
+        pretrain=dict(depth=2, head_dim=32, seq_len=256, steps=300, micro_batch_size=16, lr=3e-3,
+                      warmup_steps=20, eval_batches=20, checkpoint_every=100),
+        sft=dict(steps=150, lr=1e-3, micro_batch_size=8, checkpoint_every=100),
+        reward_model=dict(steps=150, lr=3e-4, micro_batch_size=8, checkpoint_every=100),
+        rl=dict(steps=20, lr=1e-4, group_size=8, prompts_per_step=4, max_new_tokens=32, checkpoint_every=10),
+    )
+    return replace(cfg, preset="tiny")
+
+
+def small() -> PipelineConfig:
+    cfg = _set(
+        base(),
+        download=dict(num_files=8),
+        train_tokenizer=dict(vocab_size=32768),
+        pretrain=dict(depth=12, seq_len=1024, micro_batch_size=32, grad_accum=4),
+    )
+    return replace(cfg, preset="small")
+
+
+def d20() -> PipelineConfig:
+    cfg = _set(
+        base(),
+        download=dict(num_files=240),
+        train_tokenizer=dict(vocab_size=65536),
+        pretrain=dict(depth=20, seq_len=2048, micro_batch_size=32, grad_accum=1),
+        sft=dict(steps=2000), reward_model=dict(steps=2000), rl=dict(steps=500),
+    )
+    return replace(cfg, preset="d20")
+
+
+PRESETS = {"tiny": tiny, "small": small, "d20": d20}
+
+
+def load(preset: str, overrides: list[str] = (), source: str | None = None) -> PipelineConfig:
+    """The preset with `--source` and `stage.field=value` overrides applied; errors name the fix."""
+    if preset not in PRESETS:
+        raise StageError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]()
+    if source:
+        cfg = _set(cfg, download=dict(source=source))
+    per_stage: dict[str, dict[str, str]] = {}
+    for text in overrides:
+        key, value = parse_assignment(text)
+        stage, dot, fld = key.partition(".")
+        if not dot or stage not in STAGES:
+            raise StageError(f"override '{text}' must name a stage: stage.field=value with stage one of "
+                             f"{', '.join(STAGES)}")
+        per_stage.setdefault(stage, {})[fld] = value
+    return replace(cfg, **{s: apply_overrides(cfg.stage(s), o, s) for s, o in per_stage.items()})
+
+
+def describe(cfg: PipelineConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,51 @@
+"""The one Prefect wrapper around a stage: plan version -> reuse if committed -> run -> commit -> publish.
+
+The work is stages.common.build (no Prefect there, so stages run the same from pytest or `python -m`); this
+file only makes it a Prefect task and publishes the result to the UI. Prefect's own result caching is off:
+the artifact store is the cache, keyed by the recipe's version, and it survives across servers and machines.
+Retries are off too: a stage retries its own transient I/O; anything else failing is a real error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "crawl2chat")  # stage logs appear in the flow run
+
+from prefect import get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from stages.artifacts import Artifact, ArtifactStore  # noqa: E402
+from stages.common import build  # noqa: E402
+
+# Stats shown as a table in the UI; long series (loss curves, samples) stay in manifest.json.
+_LONG = (list, dict)
+
+
+def stats_markdown(stage: str, art: Artifact, reused: bool, stats: dict) -> str:
+    lines = [f"# {stage} `{art.version}`", "",
+             f"{'Reused the committed artifact' if reused else 'Built'} at `{art.path}`", "",
+             "| stat | value |", "| --- | --- |"]
+    for key, value in stats.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, _LONG):
+            text = json.dumps(value, default=str)
+            value = text if len(text) <= 200 else f"{text[:200]}… (see manifest.json)"
+        lines.append(f"| {key} | {str(value).replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="{stage.NAME}")
+def run_stage(stage: types.ModuleType, cfg, inputs: list[Artifact], root: str) -> Artifact:
+    store = ArtifactStore(root)
+    result = build(stage, cfg, inputs, store)
+    store.set_alias(stage.NAME, "latest", result.artifact.version)
+    get_run_logger().info("%s %s", "reused" if result.reused else "built", result.artifact.ref)
+    create_markdown_artifact(key=stage.NAME.replace("_", "-"),
+                             markdown=stats_markdown(stage.NAME, result.artifact, result.reused, result.stats),
+                             description=f"{stage.NAME} {result.artifact.version}")
+    return result.artifact

@@ -1,0 +1,299 @@
+"""Versioned, immutable artifact store.
+
+An artifact is a directory `{root}/{stage}/{version}/` that one stage wrote. Its version is a short hash of
+the recipe that made it: stage name, the stage's code version, its config as canonical JSON and the versions
+of its inputs. Same recipe, same version, so a committed artifact is reused instead of rebuilt, and changing
+one stage's config gives that stage and everything downstream new versions while upstream is reused.
+
+Commit is atomic. A stage writes into a staging directory that depends only on (stage, version), so a crashed
+stage finds its own partial work again and resumes it. Commit writes `manifest.json` (config, inputs, stats,
+every file with size and sha256), then the `COMMITTED` marker, and only then makes the artifact visible:
+locally by renaming the staging directory into place (one atomic rename), on an object store by uploading the
+files, the manifest and the marker last. Readers only trust directories that hold the marker.
+
+`root` is a local path or any fsspec URL (s3://, gs://, memory:// in tests). Stages always read and write
+local directories: artifacts on a remote root are materialised into a local cache (checked against their
+manifest) before a stage reads them, and staged locally before they are uploaded.
+
+    python -m stages.artifacts list --root artifacts        # what is in a store
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+MANIFEST = "manifest.json"
+MARKER = "COMMITTED"
+ALIASES = "_aliases"
+STAGING = ".staging"
+VERSION_CHARS = 12  # hex chars of sha256: 48 bits, collision-free for any realistic number of recipes
+
+
+class ArtifactError(Exception):
+    """A problem with the store whose message names the fix."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One committed (or, while a stage runs, staging) artifact: a local directory a stage reads or writes."""
+
+    stage: str
+    version: str
+    path: Path
+
+    @property
+    def ref(self) -> str:
+        return f"{self.stage}/{self.version}"
+
+    def manifest(self) -> dict:
+        return json.loads((self.path / MANIFEST).read_text())
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def plan_version(stage: str, code_version: int | str, config: dict, inputs: Sequence[Artifact]) -> str:
+    """The version of the artifact this recipe makes. Input order matters: it is the stage's argument order."""
+    recipe = {
+        "stage": stage,
+        "code_version": str(code_version),
+        "config": config,
+        "inputs": [a.ref for a in inputs],
+    }
+    return hashlib.sha256(canonical_json(recipe).encode()).hexdigest()[:VERSION_CHARS]
+
+
+def sha256_file(path: Path | str, fs: fsspec.AbstractFileSystem | None = None) -> str:
+    h = hashlib.sha256()
+    opener = fs.open if fs is not None else open
+    with opener(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_revision() -> str:
+    """The git commit of this checkout (plus '-dirty' when it has changes), or 'unknown' outside git."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _utcnow() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class ArtifactStore:
+    def __init__(self, root: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
+        self.root = str(root).rstrip("/")
+        self.fs, self._base = fsspec.core.url_to_fs(self.root)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_local:
+            self._base = str(Path(self._base).resolve())
+        default_cache = Path(os.environ.get("CRAWL2CHAT_CACHE", Path.home() / ".cache" / "crawl2chat"))
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache
+
+    # ---- paths ---------------------------------------------------------------------------------------------
+    def _dir(self, stage: str, version: str) -> str:
+        return f"{self._base}/{stage}/{version}"
+
+    def staging_path(self, stage: str, version: str) -> Path:
+        """Where a stage writes. Stable for (stage, version), so a re-run after a crash resumes there."""
+        if self.is_local:
+            return Path(self._base) / stage / STAGING / version
+        return self.cache_dir / "staging" / self.fs.protocol[0] / stage / version
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def is_committed(self, stage: str, version: str) -> bool:
+        return self.fs.exists(f"{self._dir(stage, version)}/{MARKER}")
+
+    def get(self, stage: str, version: str) -> Artifact:
+        """A committed artifact as a local directory (downloaded and checked into the cache when remote)."""
+        if not self.is_committed(stage, version):
+            raise ArtifactError(f"no committed artifact {stage}/{version} in {self.root}: "
+                                f"run `crawl2chat artifacts list` to see what is there")
+        if self.is_local:
+            return Artifact(stage, version, Path(self._dir(stage, version)))
+        local = self.cache_dir / "artifacts" / self.fs.protocol[0] / stage / version
+        if not (local / MARKER).exists():
+            tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".download-"))
+            self.fs.get(self._dir(stage, version) + "/", str(tmp), recursive=True)
+            manifest = json.loads((tmp / MANIFEST).read_text())
+            for f in manifest["files"]:
+                if sha256_file(tmp / f["path"]) != f["sha256"]:
+                    shutil.rmtree(tmp)
+                    raise ArtifactError(f"{stage}/{version}: {f['path']} does not match its manifest in "
+                                        f"{self.root}; run `crawl2chat artifacts verify {stage}/{version}`")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(local, ignore_errors=True)
+            os.replace(tmp, local)
+        return Artifact(stage, version, local)
+
+    def manifest(self, stage: str, version: str) -> dict:
+        with self.fs.open(f"{self._dir(stage, version)}/{MANIFEST}", "r") as f:
+            return json.load(f)
+
+    def stages(self) -> list[str]:
+        if not self.fs.exists(self._base):
+            return []
+        return sorted(Path(p).name for p in self.fs.ls(self._base, detail=False)
+                      if self.fs.isdir(p) and not Path(p).name.startswith(("_", ".")))
+
+    def versions(self, stage: str) -> list[str]:
+        """Committed versions of a stage, oldest first."""
+        base = f"{self._base}/{stage}"
+        if not self.fs.exists(base):
+            return []
+        found = []
+        for p in self.fs.ls(base, detail=False):
+            v = Path(p).name
+            if not v.startswith(".") and self.is_committed(stage, v):
+                found.append((self.manifest(stage, v)["ended"], v))
+        return [v for _, v in sorted(found)]
+
+    def manifests(self) -> Iterable[dict]:
+        for stage in self.stages():
+            for v in self.versions(stage):
+                yield self.manifest(stage, v)
+
+    def resolve(self, ref: str) -> tuple[str, str]:
+        """`stage`, `stage/latest`, `stage/<tag>`, `stage/<version>` or a version prefix -> (stage, version)."""
+        stage, _, name = ref.partition("/")
+        name = name or "latest"
+        if stage not in self.stages():
+            known = ", ".join(self.stages()) or "none yet"
+            raise ArtifactError(f"no stage '{stage}' in {self.root} (stages: {known})")
+        alias = self.read_alias(stage, name)
+        if alias:
+            return stage, alias
+        matches = [v for v in self.versions(stage) if v.startswith(name)]
+        if len(matches) == 1:
+            return stage, matches[0]
+        if not matches:
+            raise ArtifactError(f"no version or alias '{name}' of stage '{stage}': "
+                                f"run `crawl2chat artifacts list {stage}`")
+        raise ArtifactError(f"'{name}' matches several versions of {stage}: {', '.join(matches)}; give more characters")
+
+    # ---- aliases -------------------------------------------------------------------------------------------
+    def set_alias(self, stage: str, name: str, version: str) -> None:
+        if not self.is_committed(stage, version):
+            raise ArtifactError(f"cannot alias {stage}/{version}: it is not committed")
+        path = f"{self._base}/{ALIASES}/{stage}/{name}"
+        self.fs.makedirs(f"{self._base}/{ALIASES}/{stage}", exist_ok=True)
+        if self.is_local:  # write-then-rename, so a reader never sees an empty alias file
+            tmp = f"{path}.tmp-{os.getpid()}"
+            Path(tmp).write_text(version)
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, version.encode())
+
+    def read_alias(self, stage: str, name: str) -> str | None:
+        path = f"{self._base}/{ALIASES}/{stage}/{name}"
+        if not self.fs.exists(path):
+            return None
+        return self.fs.cat_file(path).decode().strip()
+
+    # ---- writing -------------------------------------------------------------------------------------------
+    def commit(self, stage: str, version: str, *, config: dict, inputs: Sequence[Artifact],
+               code_version: int | str, stats: dict, started: str, extra: dict | None = None) -> Artifact:
+        """Seal the staging directory of (stage, version) into a committed, read-only artifact."""
+        staging = self.staging_path(stage, version)
+        files = []
+        for p in sorted(staging.rglob("*")):
+            if p.is_file() and p.name not in (MANIFEST, MARKER):
+                files.append({"path": p.relative_to(staging).as_posix(), "size": p.stat().st_size,
+                              "sha256": sha256_file(p)})
+        manifest = {
+            "stage": stage,
+            "version": version,
+            "code_version": str(code_version),
+            "code_revision": code_revision(),
+            "config": config,
+            "inputs": [{"stage": a.stage, "version": a.version} for a in inputs],
+            "started": started,
+            "ended": _utcnow(),
+            "host": socket.gethostname(),
+            "stats": stats,
+            "files": files,
+            **(extra or {}),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        (staging / MARKER).write_text(manifest["ended"] + "\n")
+        final = self._dir(stage, version)
+        if self.is_local:
+            for p in staging.rglob("*"):  # committed artifacts are never modified: make that the default
+                if p.is_file():
+                    p.chmod(0o444)
+            if Path(final).exists():  # committed by a concurrent run of the same recipe: keep theirs
+                shutil.rmtree(staging)
+            else:
+                os.replace(staging, final)
+        else:
+            for f in files:
+                self.fs.put_file(str(staging / f["path"]), f"{final}/{f['path']}")
+            self.fs.put_file(str(staging / MANIFEST), f"{final}/{MANIFEST}")
+            self.fs.put_file(str(staging / MARKER), f"{final}/{MARKER}")  # last: now it exists for readers
+            shutil.rmtree(staging)
+        return self.get(stage, version)
+
+    # ---- integrity and lineage -----------------------------------------------------------------------------
+    def verify(self, stage: str, version: str) -> list[str]:
+        """Re-hash every file of a committed artifact; returns the differences (empty when intact)."""
+        base = self._dir(stage, version)
+        manifest = self.manifest(stage, version)
+        problems = []
+        listed = set()
+        for f in manifest["files"]:
+            listed.add(f["path"])
+            path = f"{base}/{f['path']}"
+            if not self.fs.exists(path):
+                problems.append(f"missing: {f['path']}")
+            elif self.fs.size(path) != f["size"]:
+                problems.append(f"size changed: {f['path']} ({f['size']} -> {self.fs.size(path)} bytes)")
+            elif sha256_file(path, self.fs) != f["sha256"]:
+                problems.append(f"content changed: {f['path']} (sha256 differs from the manifest)")
+        for p in self.fs.find(base):
+            rel = p[len(base.rstrip("/")) + 1:] if p.startswith(base) else Path(p).name
+            if rel not in listed and rel not in (MANIFEST, MARKER):
+                problems.append(f"unexpected file: {rel}")
+        return problems
+
+    def upstream(self, stage: str, version: str) -> dict:
+        """The tree of artifacts that fed this one: {"ref", "stats", "inputs": [...]}."""
+        manifest = self.manifest(stage, version)
+        return {"ref": f"{stage}/{version}", "manifest": manifest,
+                "inputs": [self.upstream(i["stage"], i["version"]) for i in manifest["inputs"]]}
+
+    def downstream(self, stage: str, version: str) -> list[str]:
+        """Every committed artifact built, directly or not, from this one."""
+        children: dict[str, list[str]] = {}
+        for m in self.manifests():
+            for i in m["inputs"]:
+                children.setdefault(f"{i['stage']}/{i['version']}", []).append(f"{m['stage']}/{m['version']}")
+        seen, todo = [], [f"{stage}/{version}"]
+        while todo:
+            for child in children.get(todo.pop(), []):
+                if child not in seen:
+                    seen.append(child)
+                    todo.append(child)
+        return seen

@@ -1,0 +1,141 @@
+"""What every stage shares: building an artifact from a stage module, config overrides, and `python -m` entry.
+
+A stage module exports `NAME`, `CODE_VERSION` (bump it when the same config would now give different output),
+a frozen `Config` dataclass and `run(cfg, *inputs, out) -> dict`. `build` is the whole contract in one place:
+plan the version, reuse a committed artifact, else run into the staging directory and commit. flows/tasks.py
+wraps exactly this for Prefect; `python -m stages.<name>` calls it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from stages.artifacts import Artifact, ArtifactError, ArtifactStore, plan_version
+
+log = logging.getLogger("crawl2chat")
+
+
+class StageError(Exception):
+    """Bad input at a stage's boundary. The message says what is wrong and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildResult:
+    artifact: Artifact
+    reused: bool
+    stats: dict
+
+
+def config_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def build(stage: types.ModuleType, cfg: Any, inputs: list[Artifact], store: ArtifactStore) -> BuildResult:
+    """Plan -> reuse if committed -> run in staging -> commit. Re-running a crashed build resumes in staging."""
+    version = plan_version(stage.NAME, stage.CODE_VERSION, config_dict(cfg), inputs)
+    if store.is_committed(stage.NAME, version):
+        art = store.get(stage.NAME, version)
+        return BuildResult(art, True, art.manifest()["stats"])
+    staging = store.staging_path(stage.NAME, version)
+    staging.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    log.info("%s/%s: running in %s", stage.NAME, version, staging)
+    stats = stage.run(cfg, *inputs, out=Artifact(stage.NAME, version, staging))
+    art = store.commit(stage.NAME, version, config=config_dict(cfg), inputs=inputs,
+                       code_version=stage.CODE_VERSION, stats=stats, started=started)
+    return BuildResult(art, False, stats)
+
+
+# ---- config overrides: `field=value` strings typed by the dataclass field -----------------------------------
+def _coerce(raw: str, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise StageError(f"{where}: '{raw}' is not a boolean; use true or false")
+    if annotation in (int, float):
+        try:
+            return annotation(raw)
+        except ValueError:
+            raise StageError(f"{where}: '{raw}' is not a{'n' if annotation is int else ''} "
+                             f"{annotation.__name__}") from None
+    if annotation is str:
+        return raw
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null") and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _coerce(raw, a, where)
+                except StageError:
+                    continue
+        raise StageError(f"{where}: '{raw}' fits none of {annotation}")
+    if origin in (tuple, list):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = [s for s in raw.split(",") if s]
+        if not isinstance(value, list):
+            raise StageError(f"{where}: expected a list such as a,b,c or [\"a\",\"b\"], got '{raw}'")
+        return tuple(value) if origin is tuple else value
+    return raw
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, str], where: str) -> Any:
+    """A copy of the frozen dataclass `cfg` with string overrides parsed to each field's type."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    changes = {}
+    for key, raw in overrides.items():
+        if key not in fields:
+            raise StageError(f"{where} has no setting '{key}'; its settings are: {', '.join(fields)}")
+        changes[key] = _coerce(raw, hints[key], f"{where}.{key}")
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except (ValueError, TypeError) as e:  # __post_init__ validation says what is wrong
+        raise StageError(f"{where}: {e}") from None
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise StageError(f"malformed override '{text}': write it as field=value (or stage.field=value)")
+    return key.strip(), value.strip()
+
+
+def main(stage: types.ModuleType, argv: list[str] | None = None) -> None:
+    """`python -m stages.<name> --root DIR [--input stage/version ...] [--set field=value ...]`."""
+    p = argparse.ArgumentParser(prog=f"python -m stages.{stage.NAME}", description=stage.__doc__.split("\n")[0])
+    p.add_argument("--root", default="artifacts", help="artifact store: a path or fsspec URL")
+    p.add_argument("--input", action="append", default=[], help="input artifact: stage, stage/latest or stage/version")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a Config field")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        store = ArtifactStore(args.root)
+        cfg = apply_overrides(stage.Config(), dict(parse_assignment(s) for s in args.set), stage.NAME)
+        inputs = [store.get(*store.resolve(ref)) for ref in args.input]
+        result = build(stage, cfg, inputs, store)
+    except (StageError, ArtifactError) as e:
+        sys.exit(f"error: {e}")
+    store.set_alias(stage.NAME, "latest", result.artifact.version)
+    state = "reused" if result.reused else "built"
+    print(f"{state} {result.artifact.ref} at {result.artifact.path}")
+    print(json.dumps(result.stats, indent=2, default=str))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,171 @@
+"""Pre-train a decoder-only transformer on token shards with DeepSpeed -> base model (safetensors).
+
+    python -m stages.pretrain --root artifacts --input tokenize_shards --input train_tokenizer \
+        --set depth=2 --set seq_len=128 --set steps=200          # a tiny CPU run in a few minutes
+
+Inputs: token shards (tokenize_shards) and the tokenizer they were made with (train_tokenizer); the shards'
+recorded tokenizer hash must match. One dial, `depth`, sizes the model (stages/lm/gpt.py); `steps=0` derives
+the step count from a Chinchilla budget of `tokens_per_param` tokens per parameter. A crash resumes from the
+newest checkpoint in the staging directory. Reports val loss, bits per byte (tokenizer-independent), the
+unigram entropy of the val tokens (what a model that only learned token frequencies would score), and
+samples from fixed prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stages.artifacts import Artifact, sha256_file
+from stages.common import StageError, main
+from stages.lm import trainer
+from stages.lm.chat import ChatTokenizer
+from stages.lm.checkpoint import save_model
+from stages.lm.data import ShardIndex, TokenLoader, check_tokenizer, eval_batches
+from stages.lm.engine import generate
+from stages.lm.gpt import GPT, GPTConfig
+
+NAME = "pretrain"
+CODE_VERSION = 1
+
+# bf16 dense peak FLOP/s used for MFU, by device name substring (vendor data sheets)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclass(frozen=True)
+class Config(trainer.TrainConfig):
+    depth: int = 20               # layers; width = depth * aspect_ratio (nanochat d20: about 560M parameters)
+    aspect_ratio: int = 64
+    head_dim: int = 128
+    kv_ratio: int = 1             # query heads per K/V head (>1: grouped-query attention)
+    seq_len: int = 2048
+    steps: int = 0                # 0: tokens_per_param * parameters / tokens per step
+    tokens_per_param: float = 20  # Chinchilla-optimal budget (Hoffmann et al. 2022)
+    lr: float = 0.0               # 0: 3e-4 scaled by (768 / width) ** 0.5, as muP-style width scaling
+    micro_batch_size: int = 32
+    eval_batches: int = 50        # val batches of micro_batch_size sequences for the final val loss
+    sample_prompts: tuple[str, ...] = ("The capital of France is", "Once upon a time", "In this article we")
+    sample_tokens: int = 32
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.depth < 1 or self.seq_len < 8:
+            raise ValueError("depth must be at least 1 and seq_len at least 8")
+
+    def peak_lr(self) -> float:
+        return self.lr or 3e-4 * (768 / (self.depth * self.aspect_ratio)) ** 0.5
+
+
+def unigram_entropy(index_path, seq_len: int) -> float:
+    """Entropy in nats of the val targets' token frequencies: the loss of the best context-free model."""
+    counts: dict[int, int] = {}
+    for _, y in eval_batches(index_path, seq_len, 64):
+        ids, n = np.unique(y.numpy(), return_counts=True)
+        for i, c in zip(ids.tolist(), n.tolist()):
+            counts[i] = counts.get(i, 0) + c
+    p = np.array(list(counts.values()), dtype=np.float64)
+    p /= p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def token_bytes(tok: ChatTokenizer) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for (0 for special tokens), to turn nats/token into bits/byte."""
+    out = torch.zeros(tok.vocab_size, dtype=torch.float64)
+    for i in range(tok.vocab_size):
+        if tok.sp.is_control(i) or tok.sp.is_unknown(i) or tok.sp.is_unused(i):
+            continue
+        if tok.sp.is_byte(i):
+            out[i] = 1
+        else:
+            out[i] = len(tok.sp.id_to_piece(i).replace("\u2581", " ").encode())
+    for special in (tok.end, *tok.role.values()):  # user-defined chat symbols are not text
+        out[special] = 0
+    return out
+
+
+@torch.no_grad()
+def evaluate_lm(model: GPT, index_path, seq_len: int, batch_size: int, max_batches: int,
+                tbytes: torch.Tensor) -> dict:
+    model.eval()
+    dev = next(model.parameters()).device
+    nats, tokens, nbytes = 0.0, 0, 0.0
+    for x, y in eval_batches(index_path, seq_len, batch_size, max_batches=max_batches):
+        x, y = x.to(dev), y.to(dev)
+        loss = model(x, y, reduction="none").double()
+        nats += loss.sum().item()
+        tokens += y.numel()
+        nbytes += tbytes[y.flatten().cpu()].sum().item()
+    model.train()
+    return {"val_loss": nats / tokens, "val_bpb": nats / (math.log(2) * max(nbytes, 1.0)), "val_tokens": tokens}
+
+
+def run(cfg: Config, shards: Artifact, tokenizer: Artifact, *, out: Artifact) -> dict:
+    index = ShardIndex.load(shards.path)
+    tok_file = tokenizer.path / "tokenizer.model"
+    check_tokenizer(index, sha256_file(tok_file))
+    tok = ChatTokenizer(tok_file)
+    torch.manual_seed(cfg.seed)
+    model_cfg = GPTConfig.from_depth(cfg.depth, index.vocab_size, cfg.seq_len, cfg.aspect_ratio, cfg.head_dim,
+                                     cfg.kv_ratio)
+    model = GPT(model_cfg)
+    tcfg = dataclasses.replace(cfg, lr=cfg.peak_lr())
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.seq_len * world
+    total = cfg.steps or max(1, int(cfg.tokens_per_param * model.num_params() / tokens_per_step))
+    engine = trainer.make_engine(model, tcfg)
+    rank = int(os.environ.get("RANK", 0))
+    loader = TokenLoader(shards.path, "train", cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed,
+                         rank=rank, world_size=world, device=engine.device)
+
+    def loss_fn(eng, batch):
+        x, y = batch
+        return eng(x, y)
+
+    t0 = time.perf_counter()
+    history = trainer.fit(engine, tcfg, total, loader, loss_fn, out.path / "checkpoints", tokens_per_step)
+    elapsed = time.perf_counter() - t0
+    model = engine.module
+    ev = evaluate_lm(model, shards.path, cfg.seq_len, cfg.micro_batch_size, cfg.eval_batches, token_bytes(tok))
+    h_unigram = unigram_entropy(shards.path, cfg.seq_len)
+    samples = {}
+    model.eval()
+    for prompt in cfg.sample_prompts:
+        ids = generate(model, [tok.bos] + tok.encode(prompt), max_new_tokens=cfg.sample_tokens, temperature=0,
+                       stop_ids=(tok.eos,))[0]
+        samples[prompt] = tok.decode(ids)
+    mean_tps = float(np.mean([h["tokens_per_s"] for h in history[-20:]])) if history else 0.0
+    peak = next((v for k, v in PEAK_FLOPS.items()
+                 if torch.cuda.is_available() and k in torch.cuda.get_device_name()), None)
+    stats = {
+        "params": model.num_params(),
+        "model": model_cfg.to_dict(),
+        "steps": total,
+        "tokens_trained": total * tokens_per_step,
+        "train_loss": history[-1]["loss"] if history else None,
+        **ev,
+        "unigram_entropy": h_unigram,
+        "learned_beyond_unigram": ev["val_loss"] < h_unigram,
+        "tokens_per_s": mean_tps,
+        "mfu": mean_tps * model.flops_per_token() / peak if peak else None,
+        "train_seconds": elapsed,
+        "curve": history[:: max(1, len(history) // 100)] + history[-1:],
+        "samples": samples,
+        "tokenizer_sha256": index.tokenizer_sha256,
+    }
+    if rank == 0:
+        save_model(model, out.path, tok_file, {"stage": NAME, "tokenizer_sha256": index.tokenizer_sha256,
+                                                "val_loss": ev["val_loss"]})
+        shutil.rmtree(out.path / "checkpoints", ignore_errors=True)  # the weights above are the result
+    return stats
+
+
+if __name__ == "__main__":
+    main(sys.modules[__name__])

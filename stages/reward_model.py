@@ -1,0 +1,153 @@
+"""Reward model: chat model + human preference pairs -> a scalar score per (prompt, response).
+
+    python -m stages.reward_model --root artifacts --input sft \
+        --set data=data/preferences/hh-rlhf-pairs.800.jsonl --set steps=100
+
+Pairs are JSONL lines `{"prompt", "chosen", "rejected"}`; an Anthropic hh-rlhf transcript prompt
+("\\n\\nHuman: ...\\n\\nAssistant:") is turned into chat messages. The model is the SFT trunk plus a linear
+head read at the last token, trained with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected)
+(InstructGPT, DeepSpeed-Chat step 2). Held-out pairwise accuracy is reported with a 95% Wilson interval.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stages.artifacts import Artifact
+from stages.common import main
+from stages.lm import trainer
+from stages.lm.chat import ChatTokenizer, hh_transcript_to_messages
+from stages.lm.checkpoint import TOKENIZER, load_model, save_model
+from stages.lm.examples import ExampleLoader, pad_batch, read_jsonl, split_heldout
+from stages.lm.gpt import RewardModel
+
+NAME = "reward_model"
+CODE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Config(trainer.TrainConfig):
+    data: str = "data/preferences/hh-rlhf-pairs.800.jsonl"  # JSONL of {"prompt", "chosen", "rejected"}
+    val_fraction: float = 0.1
+    steps: int = 300
+    micro_batch_size: int = 8     # pairs per micro-batch (2x sequences)
+    lr: float = 5e-5
+    warmup_steps: int = 20
+
+
+def check_pair(rec: dict) -> str | None:
+    for key in ("prompt", "chosen", "rejected"):
+        if not isinstance(rec.get(key), str) or not rec[key].strip():
+            return f"'{key}' missing or empty"
+    if rec["chosen"].strip() == rec["rejected"].strip():
+        return "chosen and rejected are identical"
+    return None
+
+
+def prompt_messages(prompt: str) -> list[dict]:
+    """A pair's prompt as chat messages: hh-rlhf transcripts are parsed, plain text is one user turn."""
+    msgs = hh_transcript_to_messages(prompt) if "\n\nHuman:" in prompt else [{"role": "user", "content": prompt}]
+    return [m for m in msgs if m["content"]]
+
+
+def encode_response(tok: ChatTokenizer, prompt_ids: list[int], response: list[int], max_len: int) -> list[int]:
+    """prompt + response + <|end|>, keeping the end of the prompt when too long (the response matters most)."""
+    response = response[:max_len // 2]
+    if not response or response[-1] != tok.end:
+        response = response + [tok.end]
+    keep = max_len - len(response)
+    return prompt_ids[-keep:] + response
+
+
+def collate(pairs: list[tuple[list[int], list[int]]], pad: int):
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    return pad_batch(seqs, pad), torch.tensor([len(s) for s in seqs])
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+@torch.no_grad()
+def pair_accuracy(rm: RewardModel, pairs, pad: int, batch_size: int = 16) -> tuple[int, float]:
+    rm.eval()
+    dev = next(rm.parameters()).device
+    correct, margin = 0, 0.0
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        x, lengths = collate(chunk, pad)
+        r = rm(x.to(dev), lengths.to(dev))
+        diff = r[:len(chunk)] - r[len(chunk):]
+        correct += int((diff > 0).sum())
+        margin += float(diff.sum())
+    rm.train()
+    return correct, margin / max(len(pairs), 1)
+
+
+def run(cfg: Config, chat: Artifact, *, out: Artifact) -> dict:
+    gpt, meta, _ = load_model(chat.path)
+    tok = ChatTokenizer(chat.path / TOKENIZER)
+    records, malformed = read_jsonl(cfg.data, check_pair)
+    max_len = gpt.cfg.seq_len
+    pairs = []
+    for r in records:
+        p = tok.render_prompt(prompt_messages(r["prompt"]))
+        pairs.append((encode_response(tok, p, tok.encode(r["chosen"].strip()), max_len),
+                      encode_response(tok, p, tok.encode(r["rejected"].strip()), max_len)))
+    train, val = split_heldout(pairs, cfg.val_fraction, cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    rm = RewardModel(gpt)
+    engine = trainer.make_engine(rm, cfg)
+    loader = ExampleLoader(train, cfg.micro_batch_size, cfg.seed, lambda b: collate(b, tok.pad))
+
+    def loss_fn(eng, batch):
+        x, lengths = batch
+        r = eng(x.to(eng.device), lengths.to(eng.device))
+        n = r.size(0) // 2
+        return -F.logsigmoid(r[:n] - r[n:]).mean()
+
+    history = trainer.fit(engine, cfg, cfg.steps, loader, loss_fn, out.path / "checkpoints")
+    rm = engine.module
+    correct, margin = pair_accuracy(rm, val, tok.pad)
+    train_correct, _ = pair_accuracy(rm, train[:len(val)], tok.pad)
+    lo, hi = wilson_interval(correct, len(val))
+    save_model(rm.gpt, out.path, chat.path / TOKENIZER,
+               {"stage": NAME, "tokenizer_sha256": meta["tokenizer_sha256"], "reward_head": True},
+               extra_tensors={"reward_head.weight": rm.reward_head.weight, "reward_head.bias": rm.reward_head.bias})
+    shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+    return {
+        "pairs": len(records),
+        "malformed": {"count": len(malformed), "lines": malformed[:50]},
+        "train_pairs": len(train),
+        "val_pairs": len(val),
+        "val_accuracy": correct / len(val),
+        "val_accuracy_ci95": [lo, hi],
+        "val_mean_margin": margin,
+        "train_accuracy_sample": train_correct / max(1, min(len(train), len(val))),
+        "train_loss": history[-1]["loss"],
+        "curve": history[:: max(1, len(history) // 100)] + history[-1:],
+    }
+
+
+def load_reward_model(path, device="cpu") -> RewardModel:
+    """The reward model of a committed reward_model artifact."""
+    gpt, meta, extra = load_model(path, device)
+    rm = RewardModel(gpt)
+    rm.reward_head.load_state_dict({"weight": extra["reward_head.weight"], "bias": extra["reward_head.bias"]})
+    return rm.to(device)
+
+
+if __name__ == "__main__":
+    main(sys.modules[__name__])

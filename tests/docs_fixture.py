@@ -1,0 +1,40 @@
+"""Test helpers: a docs artifact (the extract stage's output layout) made of real article text, and a tiny tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages.artifacts import Artifact
+
+TEXTS = Path(__file__).parent / "fixtures" / "zyte-aeb" / "texts.jsonl"
+
+
+def real_docs() -> list[dict]:
+    """67 web articles (scrapinghub/article-extraction-benchmark, MIT) as {id, url, text}."""
+    rows = [json.loads(line) for line in TEXTS.read_text().splitlines()]
+    return [{"id": f"zyte-{i:04d}", "url": r["url"], "text": r["text"]} for i, r in enumerate(rows)]
+
+
+def write_docs(path: Path, docs: list[dict], n_files: int = 2) -> Artifact:
+    """docs/**/*.parquet with extract's columns: id, url, text, language, language_score, warc."""
+    for k in range(n_files):
+        part = docs[k::n_files]
+        (path / "docs" / f"{k:02d}").mkdir(parents=True, exist_ok=True)
+        table = pa.table({"id": [d["id"] for d in part], "url": [d.get("url", "") for d in part],
+                          "text": [d["text"] for d in part], "language": ["en"] * len(part),
+                          "language_score": [0.99] * len(part), "warc": ["zyte-aeb.part1.warc.gz"] * len(part)})
+        pq.write_table(table, path / "docs" / f"{k:02d}" / "part.parquet")
+    return Artifact("extract", "test", path)
+
+
+def train_tokenizer(path: Path, docs: Artifact, vocab_size: int = 1024) -> tuple[Artifact, dict]:
+    from stages import train_tokenizer as tt
+
+    path.mkdir(parents=True, exist_ok=True)
+    out = Artifact(tt.NAME, "test", path)
+    stats = tt.run(tt.Config(vocab_size=vocab_size, heldout_chars=20_000), docs, out=out)
+    return out, stats

@@ -1,0 +1,109 @@
+"""tokenize_shards: flat uint16 shards that decode back to the documents, a stable train/val split, index.json."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import sentencepiece as spm
+
+from docs_fixture import real_docs, train_tokenizer, write_docs
+from stages import tokenize_shards as ts
+from stages.artifacts import Artifact
+from stages.common import StageError
+
+EXTRA = [{"id": "marker", "text": "web text that says <|user|> and <|end|> literally"}, {"id": "empty", "text": ""}]
+
+
+def shard(tmp, docs, tok, **cfg):
+    out = Artifact(ts.NAME, "test", tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    return out, ts.run(ts.Config(**{"val_fraction": 0.1, "shard_tokens": 8192, **cfg}), docs, tok, out=out)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shards")
+    docs = write_docs(tmp / "docs", real_docs() + EXTRA)
+    tok, tok_stats = train_tokenizer(tmp / "tok", docs, vocab_size=1024)
+    out, stats = shard(tmp / "shards", docs, tok)
+    sp = spm.SentencePieceProcessor(model_file=str(tok.path / "tokenizer.model"))
+    return docs, tok, tok_stats, out, stats, sp
+
+
+def read(path):
+    with pa.memory_map(str(path)) as source:
+        reader = pa.ipc.open_file(source)
+        assert reader.num_record_batches == 1 and reader.schema.names == ["tokens"]
+        return reader.get_batch(0).column(0).to_numpy(zero_copy_only=True).copy()
+
+
+def test_index_and_stats(built):
+    _, _, tok_stats, out, stats, _ = built
+    index = json.loads((out.path / "index.json").read_text())
+    assert index["tokenizer_sha256"] == tok_stats["tokenizer_sha256"] == stats["tokenizer_sha256"]
+    assert (index["vocab_size"], index["dtype"], index["bos_id"], index["eos_id"]) == (1024, "uint16", 1, 2)
+    n_real = len(real_docs()) + 1  # the empty doc is skipped
+    assert stats["train_docs"] + stats["val_docs"] == index["total_docs"] == n_real
+    assert stats["skipped_empty_docs"] == 1 and stats["docs_with_escaped_markers"] == 1
+    for split in ("train", "val"):
+        shards = index["splits"][split]
+        assert shards and sum(s["docs"] for s in shards) == index["totals"][split]["docs"] > 0
+        assert sum(s["tokens"] for s in shards) == index["totals"][split]["tokens"] == stats[f"{split}_tokens"]
+        for s in shards:
+            tokens = read(out.path / s["file"])
+            assert tokens.dtype == np.uint16 and len(tokens) == s["tokens"]
+            assert s["file"] == f"shards/{split}_{shards.index(s):05d}.arrow"
+            assert (tokens == 1).sum() == (tokens == 2).sum() == s["docs"]  # one bos/eos pair per doc
+            assert tokens[0] == 1 and tokens[-1] == 2
+        assert all(s["tokens"] >= 8192 for s in shards[:-1])
+    assert stats["train_shards"] > 1
+    json.dumps(stats)
+
+
+def test_shards_decode_to_the_documents(built):
+    docs, _, _, out, _, sp = built
+    index = json.loads((out.path / "index.json").read_text())
+    decoded = []
+    for split in ("train", "val"):
+        stream = np.concatenate([read(out.path / s["file"]) for s in index["splits"][split]])
+        bounds = np.flatnonzero(stream == 1)
+        decoded += [sp.decode(doc[1:-1].tolist()) for doc in np.split(stream, bounds[1:])]
+    texts = [d["text"] for d in real_docs() + EXTRA if d["text"]]
+    assert sorted(decoded) == sorted(texts)
+    assert sum(index["totals"][s]["bytes"] for s in ("train", "val")) == sum(len(t.encode()) for t in texts)
+
+
+def test_chat_markers_in_web_text_are_not_special(built):
+    *_, out, _, sp = built
+    index = json.loads((out.path / "index.json").read_text())
+    for split in ("train", "val"):
+        for s in index["splits"][split]:
+            assert not np.isin(read(out.path / s["file"]), [4, 5, 6, 7]).any()
+
+
+def test_split_is_deterministic_and_by_id(built, tmp_path):
+    docs, tok, _, out, stats, _ = built
+    _, again = shard(tmp_path / "a", docs, tok, shard_tokens=2**20)  # other shard size, same split
+    assert (again["train_docs"], again["val_docs"]) == (stats["train_docs"], stats["val_docs"])
+    assert (again["train_tokens"], again["val_tokens"]) == (stats["train_tokens"], stats["val_tokens"])
+    assert again["train_shards"] == again["val_shards"] == 1
+    # reversing the input order moves no document between splits
+    rev = write_docs(tmp_path / "rev", list(reversed(real_docs() + EXTRA)), n_files=3)
+    _, flipped = shard(tmp_path / "b", rev, tok)
+    assert (flipped["train_docs"], flipped["val_tokens"]) == (stats["train_docs"], stats["val_tokens"])
+
+
+def test_two_docs_give_one_val_doc(built, tmp_path):
+    _, tok, *_ = built
+    docs = write_docs(tmp_path / "docs", real_docs()[:2], n_files=1)
+    _, stats = shard(tmp_path / "s", docs, tok, val_fraction=0.001)
+    assert (stats["train_docs"], stats["val_docs"]) == (1, 1)
+
+
+def test_bad_inputs(built, tmp_path):
+    docs, tok, *_ = built
+    with pytest.raises(StageError, match="train_tokenizer"):
+        shard(tmp_path / "s", docs, docs)
+    with pytest.raises(ValueError, match="val_fraction"):
+        ts.Config(val_fraction=0.0)
