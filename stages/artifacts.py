@@ -121,7 +121,11 @@ class ArtifactStore:
         """Where a stage writes. Stable for (stage, version), so a re-run after a crash resumes there."""
         if self.is_local:
             return Path(self._base) / stage / STAGING / version
-        return self.cache_dir / "staging" / self.fs.protocol[0] / stage / version
+        return self.cache_dir / "staging" / self._root_key() / stage / version
+
+    def _root_key(self) -> str:
+        """A cache folder per remote root, so two stores sharing a cache never mix their artifacts."""
+        return hashlib.sha256(self.root.encode()).hexdigest()[:16]
 
     # ---- reading -------------------------------------------------------------------------------------------
     def is_committed(self, stage: str, version: str) -> bool:
@@ -134,8 +138,9 @@ class ArtifactStore:
                                 f"run `crawl2chat artifacts list` to see what is there")
         if self.is_local:
             return Artifact(stage, version, Path(self._dir(stage, version)))
-        local = self.cache_dir / "artifacts" / self.fs.protocol[0] / stage / version
+        local = self.cache_dir / "artifacts" / self._root_key() / stage / version
         if not (local / MARKER).exists():
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".download-"))
             self.fs.get(self._dir(stage, version) + "/", str(tmp), recursive=True)
             manifest = json.loads((tmp / MANIFEST).read_text())

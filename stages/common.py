@@ -52,7 +52,7 @@ def build(stage: types.ModuleType, cfg: Any, inputs: list[Artifact], store: Arti
     stats = stage.run(cfg, *inputs, out=Artifact(stage.NAME, version, staging))
     art = store.commit(stage.NAME, version, config=config_dict(cfg), inputs=inputs,
                        code_version=stage.CODE_VERSION, stats=stats, started=started)
-    return BuildResult(art, False, stats)
+    return BuildResult(art, False, art.manifest()["stats"])  # as JSON, like a reused artifact's
 
 
 # ---- config overrides: `field=value` strings typed by the dataclass field -----------------------------------
@@ -90,6 +90,8 @@ def _coerce(raw: str, annotation: Any, where: str) -> Any:
             value = [s for s in raw.split(",") if s]
         if not isinstance(value, list):
             raise StageError(f"{where}: expected a list such as a,b,c or [\"a\",\"b\"], got '{raw}'")
+        item_type = next((a for a in args if a is not Ellipsis), str)
+        value = [_coerce(str(v), item_type, where) for v in value]
         return tuple(value) if origin is tuple else value
     return raw
 

@@ -137,7 +137,7 @@ def run(cfg: Config, chat: Artifact, *, out: Artifact) -> dict:
         "val_mean_margin": margin,
         "train_accuracy_sample": train_correct / max(1, min(len(train), len(val))),
         "train_loss": history[-1]["loss"],
-        "curve": history[:: max(1, len(history) // 100)] + history[-1:],
+        "curve": trainer.thin(history),
     }
 
 

@@ -138,11 +138,12 @@ def grpo_loss(cfg: Config, out_dir):
 def mean_reward(policy, rm, tok: ChatTokenizer, prompts, max_new: int) -> float:
     """Mean reward-model score of greedy replies to prompts."""
     policy.eval()
+    dev = next(policy.parameters()).device
     scores = []
     for p in prompts:
         c = generate(policy, p, 1, max_new, temperature=0, stop_ids=(tok.end, tok.eos))[0]
         s = encode_response(tok, p, c, policy.cfg.seq_len)
-        scores.append(float(rm(torch.tensor([s]), torch.tensor([len(s)]))[0]))
+        scores.append(float(rm(torch.tensor([s], device=dev), torch.tensor([len(s)], device=dev))[0]))
     policy.train()
     return float(np.mean(scores))
 
@@ -150,13 +151,14 @@ def mean_reward(policy, rm, tok: ChatTokenizer, prompts, max_new: int) -> float:
 @torch.no_grad()
 def mean_kl(policy, ref, tok: ChatTokenizer, prompts, max_new: int) -> float:
     """Per-token KL(policy || ref) on sampled replies (exact over the vocabulary at each position)."""
+    dev = next(policy.parameters()).device
     kls = []
     for p in prompts:
         c = generate(policy, p, 1, max_new, temperature=1.0, stop_ids=(tok.end, tok.eos),
-                     generator=torch.Generator().manual_seed(len(p)))[0]
+                     generator=torch.Generator(device=dev).manual_seed(len(p)))[0]
         if not c:
             continue
-        x = torch.tensor([p + c])
+        x = torch.tensor([p + c], device=dev)
         lp, lq = F.log_softmax(policy(x).float(), -1), F.log_softmax(ref(x).float(), -1)
         kl = (lp.exp() * (lp - lq)).sum(-1)[0, len(p) - 1:-1]
         kls.append(float(kl.mean()))
@@ -214,7 +216,7 @@ def run(cfg: Config, chat: Artifact, reward: Artifact, *, out: Artifact) -> dict
         "rollouts": table.num_rows,
         "train_reward_by_step": train_reward.column("reward_mean").to_pylist(),
         "train_kl_by_step": train_reward.column("kl_mean").to_pylist(),
-        "curve": history,
+        "curve": trainer.thin(history),
     }
 
 

@@ -104,7 +104,7 @@ def run(cfg: Config, base: Artifact, *, out: Artifact) -> dict:
         "val_assistant_loss": chat_loss,
         "improved_over_base": chat_loss < base_loss,
         "train_loss": history[-1]["loss"],
-        "curve": history[:: max(1, len(history) // 100)] + history[-1:],
+        "curve": trainer.thin(history),
     }
 
 

@@ -159,6 +159,10 @@ def run(cfg: Config, docs: Artifact, *, out: Artifact) -> dict:
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
             user_defined_symbols=list(CHAT_TOKENS), num_threads=cfg.num_threads, minloglevel=2)
     except RuntimeError as e:
+        if "smaller than required_chars" in str(e):  # fewer pieces than distinct characters to cover
+            raise StageError(f"vocab_size={cfg.vocab_size} cannot hold the {docs.ref} sample's characters ({e}): "
+                             f"raise train_tokenizer.vocab_size or lower train_tokenizer.character_coverage"
+                             ) from None
         if "Vocabulary size" in str(e) or "vocab_size" in str(e):
             raise StageError(f"the sample of {docs.ref} is too small for vocab_size={cfg.vocab_size} ({e}): "
                              f"lower train_tokenizer.vocab_size or give extract more data") from None

@@ -26,12 +26,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
 
+def _check_fits(model: GPT, prompt: list[int]) -> None:
+    if len(prompt) > model.cfg.seq_len:
+        raise ValueError(f"the prompt has {len(prompt)} tokens, more than the model's context of "
+                         f"{model.cfg.seq_len}: shorten it (or drop early turns of the conversation)")
+
+
 @torch.no_grad()
 def generate(model: GPT, prompt: list[int], num_samples: int = 1, max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int | None = None, stop_ids: tuple[int, ...] = (),
              generator: torch.Generator | None = None) -> list[list[int]]:
     """num_samples completions of one prompt. Each stops after a stop id (kept) or at max_new_tokens."""
     device = next(model.parameters()).device
+    _check_fits(model, prompt)
     max_new_tokens = min(max_new_tokens, model.cfg.seq_len - len(prompt))
     if max_new_tokens <= 0:
         return [[] for _ in range(num_samples)]
@@ -59,6 +66,7 @@ def stream(model: GPT, prompt: list[int], max_new_tokens: int = 256, temperature
     """Yield one token id at a time (for the chat CLI); stops before yielding a stop id."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    _check_fits(model, prompt)
     max_new_tokens = min(max_new_tokens, model.cfg.seq_len - len(prompt))
     if max_new_tokens <= 0:
         return

@@ -116,13 +116,10 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
-def grad_norm(engine) -> float:
-    """Global gradient norm of the step just taken (before clipping)."""
-    norm = engine.get_global_grad_norm()
-    if norm is not None:
-        return float(norm)
+def local_grad_norm(engine) -> float | None:
+    """Norm of the accumulated .grad tensors, before the optimizer step (ZeRO 0 keeps them on the params)."""
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else 0.0
+    return float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else None
 
 
 def train_step(engine, micro_batches, loss_fn, cfg: TrainConfig, step: int, total: int) -> dict:
@@ -134,10 +131,22 @@ def train_step(engine, micro_batches, loss_fn, cfg: TrainConfig, step: int, tota
         loss = loss_fn(engine, batch)
         engine.backward(loss)
         if i == cfg.grad_accum - 1:
-            norm = grad_norm(engine)
+            norm = local_grad_norm(engine)
         engine.step()
         loss_sum += loss.item()
+    # DeepSpeed computes the global norm itself in its ZeRO and bf16 optimizers (set during step());
+    # the plain fp32 path leaves it None, and then the .grad norm taken before the step is the same number.
+    ds_norm = engine.get_global_grad_norm()
+    norm = float(ds_norm) if ds_norm is not None else (norm or 0.0)
     return {"step": step + 1, "loss": loss_sum / cfg.grad_accum, "grad_norm": norm, "lr": lr}
+
+
+def thin(history: list[dict], points: int = 100) -> list[dict]:
+    """About `points` evenly spaced entries of a metrics history, always ending with the last one."""
+    if not history:
+        return []
+    kept = history[:: max(1, len(history) // points)]
+    return kept if kept[-1] is history[-1] else kept + history[-1:]
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int) -> None:

@@ -1,0 +1,102 @@
+"""The tiny preset end to end through Prefect and the CLI, as a new user runs it.
+
+One full run (with a corrupt WARC file added to the source), a second run that reuses every stage, and a run
+with one RL setting changed that rebuilds only the RL stage. Prefect runs on its embedded local API in a
+PREFECT_HOME of the test's own.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.presets import STAGES
+from stages.artifacts import ArtifactStore
+
+REPO = Path(__file__).resolve().parent.parent
+CRAWL = "crawl-data/CC-MAIN-2024-22"
+CORRUPT = f"{CRAWL}/segments/tiny-samples/warc/corrupt-truncated.warc.gz"
+
+
+def crawl2chat(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """The bundled tiny crawl plus one truncated WARC file listed in warc.paths.gz."""
+    src = tmp_path_factory.mktemp("source")
+    shutil.copytree(REPO / "data" / "tiny-cc", src, dirs_exist_ok=True)
+    good = (src / "crawl-data/CC-MAIN-2024-22/segments/tiny-samples/warc/dolma-wget-sample-0000.warc.gz").read_bytes()
+    (src / CORRUPT).write_bytes(good[: len(good) // 2])  # cut mid gzip member
+    listing = src / CRAWL / "warc.paths.gz"
+    paths = gzip.decompress(listing.read_bytes()).decode().split()
+    listing.write_bytes(gzip.compress(("\n".join(sorted(paths + [CORRUPT])) + "\n").encode()))
+    return src
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    home = tmp_path_factory.mktemp("prefect")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+               CRAWL2CHAT_ROOT=str(home / "artifacts"), PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def first_run(source, env):
+    result = crawl2chat("run", "--preset", "tiny", "--source", str(source), env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return ArtifactStore(env["CRAWL2CHAT_ROOT"])
+
+
+def stats(store: ArtifactStore, stage: str) -> dict:
+    return store.manifest(stage, store.read_alias(stage, "latest"))["stats"]
+
+
+def test_every_stage_committed_with_its_numbers(first_run):
+    store = first_run
+    for stage in STAGES:
+        assert len(store.versions(stage)) == 1, stage
+    bad = stats(store, "download")["bad_files"]
+    assert [b["path"] for b in bad] == [CORRUPT]
+    assert stats(store, "extract")["documents"] > 50
+    base = stats(store, "pretrain")
+    assert base["val_loss"] < base["unigram_entropy"]  # learned more than token frequencies
+    chat = stats(store, "sft")
+    assert chat["val_assistant_loss"] < chat["val_assistant_loss_base"]
+    assert 0 <= stats(store, "reward_model")["val_accuracy"] <= 1
+    rl = stats(store, "rl")
+    assert {"val_reward_before", "val_reward_after", "val_kl_to_reference"} <= rl.keys()
+
+
+def test_lineage_reaches_the_warc_files(first_run, env):
+    result = crawl2chat("artifacts", "lineage", "rl", env=env)
+    assert result.returncode == 0, result.stderr
+    for stage in STAGES:
+        assert f"{stage}/" in result.stdout
+    assert "zyte-aeb-part1.warc.gz" in result.stdout
+    assert crawl2chat("artifacts", "verify", env=env).returncode == 0
+
+
+def test_second_run_reuses_everything_and_a_changed_setting_rebuilds_downstream_only(first_run, source, env):
+    store = first_run
+    before = {s: store.read_alias(s, "latest") for s in STAGES}
+    again = crawl2chat("run", "--preset", "tiny", "--source", str(source), env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {s: store.read_alias(s, "latest") for s in STAGES} == before
+    assert all(len(store.versions(s)) == 1 for s in STAGES)  # nothing rebuilt
+
+    changed = crawl2chat("run", "--preset", "tiny", "--source", str(source), "--set", "rl.kl_coef=0.1", env=env)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    after = {s: store.read_alias(s, "latest") for s in STAGES}
+    assert {s: v for s, v in after.items() if s != "rl"} == {s: v for s, v in before.items() if s != "rl"}
+    assert after["rl"] != before["rl"] and len(store.versions("rl")) == 2

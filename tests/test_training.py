@@ -1,0 +1,261 @@
+"""The training stages end to end on tiny models: pretrain (and its resume), sft, reward_model, rl.
+
+One module-scoped chain docs -> tokenizer -> shards -> base -> chat -> reward model, committed in an
+ArtifactStore under tmp, so each DeepSpeed engine (a few seconds to start) is built once.
+"""
+
+import json
+from pathlib import Path
+
+import pyarrow.ipc as ipc
+import pytest
+import torch
+
+from docs_fixture import real_docs, train_tokenizer, write_docs
+from stages import pretrain, reward_model, rl, sft, tokenize_shards
+from stages import train_tokenizer as tt
+from stages.artifacts import Artifact, ArtifactStore, sha256_file
+from stages.common import StageError, build
+from stages.lm import trainer
+from stages.lm.chat import ChatTokenizer
+from stages.lm.checkpoint import load_model
+from stages.lm.examples import read_jsonl, split_heldout
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+CONVERSATIONS = DATA / "conversations" / "hh-rlhf-dialogues.800.jsonl"
+PAIRS = DATA / "preferences" / "hh-rlhf-pairs.800.jsonl"
+
+# depth 2, width 2 * 32 = 64, two heads of 32; 64-token context. 200 steps (about 4 s): the val loss is
+# compared with the unigram entropy of the *whole* val split (the val split's own token frequencies, a strong
+# baseline on 13 held-out articles), so eval_batches covers every val window and the model needs that many
+# steps to beat it by a safe margin (0.3-0.5 nats over seeds 1, 2, 1337; 60 steps does not beat it).
+PRETRAIN = pretrain.Config(depth=2, aspect_ratio=32, head_dim=32, seq_len=64, steps=200, lr=3e-3, warmup_steps=5,
+                           micro_batch_size=8, eval_batches=64, sample_tokens=8, checkpoint_every=50,
+                           precision="fp32")
+VOCAB = 640
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: a second intra-op thread only adds spin-wait, badly so on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("training")
+    store = ArtifactStore(tmp / "store")
+    docs = write_docs(tmp / "docs", real_docs())
+    tok = build(tt, tt.Config(vocab_size=VOCAB, heldout_chars=20_000), [docs], store)
+    shards = build(tokenize_shards, tokenize_shards.Config(val_fraction=0.2, shard_tokens=8192),
+                   [docs, tok.artifact], store)
+    return {"tmp": tmp, "store": store, "docs": docs, "tok": tok.artifact, "shards": shards.artifact,
+            "shard_stats": shards.stats}
+
+
+@pytest.fixture(scope="module")
+def base(world):
+    return build(pretrain, PRETRAIN, [world["shards"], world["tok"]], world["store"])
+
+
+@pytest.fixture(scope="module")
+def sft_data(world):
+    """The first 100 real conversations with a blank line and two malformed lines (3 and 61) mixed in."""
+    real = CONVERSATIONS.read_text(encoding="utf-8").splitlines()[:100]
+    lines = real[:2] + ['{"messages": [{"role": "user", "content": "cut off'] + real[2:8] + [""] + real[8:58]
+    lines += ['{"messages": [{"role": "user", "content": "no reply"}]}'] + real[58:]
+    path = world["tmp"] / "conversations.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert lines[2].startswith('{"messages": [{"role": "user", "content": "cut off') and "no reply" in lines[60]
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat(world, base, sft_data):
+    cfg = sft.Config(data=str(sft_data), val_fraction=0.1, steps=30, micro_batch_size=8, lr=2e-3, warmup_steps=3,
+                     precision="fp32")
+    return build(sft, cfg, [base.artifact], world["store"])
+
+
+@pytest.fixture(scope="module")
+def rm(world, chat):
+    cfg = reward_model.Config(data=str(PAIRS), val_fraction=0.1, steps=10, micro_batch_size=4, lr=1e-3,
+                              warmup_steps=2, precision="fp32")
+    return build(reward_model, cfg, [chat.artifact], world["store"])
+
+
+# ---- pretrain ------------------------------------------------------------------------------------------------
+def test_pretrain_learns_beyond_unigram(world, base):
+    stats = base.stats
+    assert not base.reused
+    assert stats["steps"] == 200 and stats["tokens_trained"] == 200 * 8 * 64
+    assert [h["step"] for h in stats["curve"]][-2:] == [199, 200]  # every other step, and the last
+    # the val loss covers every val window, as the unigram entropy does
+    assert stats["val_tokens"] == (world["shard_stats"]["val_tokens"] - 1) // 64 * 64
+    assert stats["val_loss"] < stats["unigram_entropy"] - 0.1 and stats["learned_beyond_unigram"] is True
+    assert stats["curve"][-1]["loss"] < stats["curve"][0]["loss"]
+    assert 0 < stats["val_bpb"] < 8 and stats["val_tokens"] > 0
+    assert stats["model"]["n_layer"] == 2 and stats["model"]["n_embd"] == 64 and stats["model"]["n_head"] == 2
+    assert stats["tokenizer_sha256"] == sha256_file(world["tok"].path / "tokenizer.model")
+    assert set(stats["samples"]) == set(PRETRAIN.sample_prompts)
+    json.dumps(stats)
+
+
+def test_pretrain_artifact_layout(world, base):
+    art = base.artifact
+    files = {p.relative_to(art.path).as_posix() for p in art.path.rglob("*")}
+    assert {"model.safetensors", "model.json", "tokenizer.model"} <= files
+    assert not any(f.startswith("checkpoints") for f in files)  # the resumable checkpoints are gone
+    assert sha256_file(art.path / "tokenizer.model") == sha256_file(world["tok"].path / "tokenizer.model")
+    meta = json.loads((art.path / "model.json").read_text())
+    assert meta["stage"] == "pretrain" and meta["tokenizer_sha256"] == base.stats["tokenizer_sha256"]
+    assert meta["config"]["vocab_size"] == VOCAB and meta["config"]["seq_len"] == 64
+    model, meta2, extra = load_model(art.path)
+    assert extra == {} and meta2 == meta
+    assert world["store"].verify("pretrain", art.version) == []
+    # same recipe: the committed artifact is reused, nothing is trained
+    again = build(pretrain, PRETRAIN, [world["shards"], world["tok"]], world["store"])
+    assert again.reused and again.artifact == art
+
+
+def test_pretrain_refuses_a_mismatched_tokenizer(world, tmp_path):
+    other, other_stats = train_tokenizer(tmp_path / "other", world["docs"], vocab_size=VOCAB + 64)
+    ours = sha256_file(world["tok"].path / "tokenizer.model")
+    theirs = other_stats["tokenizer_sha256"]
+    assert ours != theirs
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(StageError) as e:
+        pretrain.run(PRETRAIN, world["shards"], other, out=Artifact(pretrain.NAME, "mismatch", out))
+    assert ours[:12] in str(e.value) and theirs[:12] in str(e.value)
+    assert "tokenize_shards" in str(e.value)
+    assert not (out / "model.safetensors").exists()
+
+
+def test_pretrain_resumes_from_its_checkpoint(world, tmp_path, monkeypatch):
+    cfg = pretrain.Config(depth=1, aspect_ratio=32, head_dim=16, seq_len=64, steps=20, lr=3e-3, warmup_steps=2,
+                          micro_batch_size=4, eval_batches=2, sample_prompts=("Once",), sample_tokens=2,
+                          checkpoint_every=10, precision="fp32")
+    out = Artifact(pretrain.NAME, "resume", tmp_path)
+    real_step = trainer.train_step
+    calls = []
+
+    def crashing_step(engine, micro_batches, loss_fn, c, step, total):
+        if step == 14:
+            raise RuntimeError("simulated crash at step 15")
+        calls.append(real_step(engine, micro_batches, loss_fn, c, step, total))
+        return calls[-1]
+
+    monkeypatch.setattr(trainer, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain.run(cfg, world["shards"], world["tok"], out=out)
+    assert [m["step"] for m in calls] == list(range(1, 15))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000010"]
+    first_run = list(calls)
+
+    calls.clear()
+    monkeypatch.setattr(trainer, "train_step", lambda *a: calls.append(real_step(*a)) or calls[-1])
+    stats = pretrain.run(cfg, world["shards"], world["tok"], out=out)
+    assert [m["step"] for m in calls] == list(range(11, 21))  # resumed at step 10: ten steps left
+    curve_steps = [h["step"] for h in stats["curve"]]
+    assert sorted(set(curve_steps)) == list(range(1, 21))  # the history of the crashed run is kept
+    assert [h["loss"] for h in stats["curve"][:10]] == [m["loss"] for m in first_run[:10]]
+    # the resumed steps 11-14 see the same batches, weights and optimizer state as the crashed run did
+    for before, after in zip(first_run[10:], calls[:4]):
+        assert after["lr"] == before["lr"]
+        assert after["loss"] == pytest.approx(before["loss"], rel=1e-4)
+    assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "checkpoints").exists()
+
+
+# ---- sft -----------------------------------------------------------------------------------------------------
+def test_sft_improves_assistant_loss(base, chat):
+    stats = chat.stats
+    assert stats["val_assistant_loss"] < stats["val_assistant_loss_base"] and stats["improved_over_base"]
+    assert stats["conversations"] == 100
+    assert stats["train_conversations"] + stats["val_conversations"] <= 100
+    assert stats["val_conversations"] >= 1
+    files = {p.name for p in chat.artifact.path.iterdir()}
+    assert {"model.safetensors", "model.json", "tokenizer.model"} <= files and "checkpoints" not in files
+    meta = json.loads((chat.artifact.path / "model.json").read_text())
+    assert meta["stage"] == "sft" and meta["tokenizer_sha256"] == base.stats["tokenizer_sha256"]
+    assert chat.artifact.manifest()["inputs"] == [{"stage": "pretrain", "version": base.artifact.version}]
+
+
+def test_sft_reports_malformed_lines(chat):
+    malformed = chat.stats["malformed"]
+    assert malformed["count"] == 2
+    assert [m["line"] for m in malformed["lines"]] == [3, 61]
+    assert "invalid JSON" in malformed["lines"][0]["reason"]
+    assert "assistant" in malformed["lines"][1]["reason"]
+
+
+def test_sft_refuses_a_data_file_without_valid_records(base, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\nnot json\n')
+    with pytest.raises(StageError, match="holds no valid records"):
+        sft.run(sft.Config(data=str(bad), steps=1), base.artifact, out=Artifact(sft.NAME, "bad", tmp_path))
+
+
+# ---- reward model --------------------------------------------------------------------------------------------
+def test_reward_model_stats(rm):
+    s = rm.stats
+    assert 0.0 <= s["val_accuracy"] <= 1.0
+    lo, hi = s["val_accuracy_ci95"]
+    assert 0.0 <= lo <= s["val_accuracy"] <= hi <= 1.0 and hi - lo < 0.5
+    # the bundled file has one pair with an empty 'chosen' (line 395): counted, not trained on
+    assert s["pairs"] + s["malformed"]["count"] == 800 and s["malformed"]["count"] == len(s["malformed"]["lines"])
+    assert s["pairs"] == s["train_pairs"] + s["val_pairs"] and s["val_pairs"] == int(s["pairs"] * 0.1)
+    assert len({h["step"] for h in s["curve"]}) == 10
+    meta = json.loads((rm.artifact.path / "model.json").read_text())
+    assert meta["stage"] == "reward_model" and meta["reward_head"] is True
+
+
+def test_reward_model_reloads_and_scores(chat, rm):
+    model = reward_model.load_reward_model(rm.artifact.path)
+    assert float(model.reward_head.weight.detach().abs().sum()) > 0  # the trained head, not the zero init
+    tok = ChatTokenizer(rm.artifact.path / "tokenizer.model")
+    records, _ = read_jsonl(PAIRS, reward_model.check_pair)
+    pairs = []
+    for r in records:
+        p = tok.render_prompt(reward_model.prompt_messages(r["prompt"]))
+        pairs.append((reward_model.encode_response(tok, p, tok.encode(r["chosen"].strip()), 64),
+                      reward_model.encode_response(tok, p, tok.encode(r["rejected"].strip()), 64)))
+    assert all(len(c) <= 64 and len(r) <= 64 and c[-1] == r[-1] == tok.end for c, r in pairs)
+    _, val = split_heldout(pairs, 0.1, reward_model.Config().seed)
+    correct, _ = reward_model.pair_accuracy(model, val, tok.pad)
+    assert correct / len(val) == rm.stats["val_accuracy"]  # the reloaded model is the one that was evaluated
+    x, lengths = reward_model.collate(val[:3], tok.pad)
+    with torch.no_grad():
+        scores = model(x, lengths)
+    assert scores.shape == (6,) and torch.isfinite(scores).all()
+
+
+# ---- rl ------------------------------------------------------------------------------------------------------
+def test_rl_grpo_run(world, chat, rm):
+    cfg = rl.Config(prompts=str(PAIRS), val_prompts=4, steps=2, prompts_per_step=2, group_size=3, max_new_tokens=8,
+                    lr=1e-4, warmup_steps=1, precision="fp32")
+    res = build(rl, cfg, [chat.artifact, rm.artifact], world["store"])
+    s = res.stats
+    for key in ("val_reward_before", "val_reward_after", "val_kl_to_reference"):
+        assert isinstance(s[key], float) and s[key] == s[key]  # not NaN
+    assert s["val_kl_to_reference"] >= 0 and isinstance(s["kl_within_bound"], bool)
+    assert s["val_prompts"] == 4 and s["prompts"] > 4
+    assert s["rollouts"] == cfg.steps * cfg.prompts_per_step * cfg.group_size
+    assert len(s["train_reward_by_step"]) == len(s["train_kl_by_step"]) == 2
+    files = sorted((res.artifact.path / "rollouts").glob("*.arrow"))
+    assert [f.name for f in files] == ["step_000000.arrow", "step_000001.arrow"]
+    rows = []
+    for f in files:
+        table = ipc.open_file(str(f)).read_all()
+        assert set(table.column_names) >= {"step", "prompt", "completion", "reward", "kl"}
+        rows += table.to_pylist()
+    assert len(rows) == s["rollouts"]
+    assert [r["step"] for r in rows] == [0] * 6 + [1] * 6
+    assert all(r["kl"] >= 0 and r["prompt"] for r in rows)
+    assert all(r["kl"] == pytest.approx(0, abs=1e-6) for r in rows[:6])  # step 0: policy == reference
+    meta = json.loads((res.artifact.path / "model.json").read_text())
+    assert meta["stage"] == "rl" and not (res.artifact.path / "checkpoints").exists()
+    assert [i["stage"] for i in res.artifact.manifest()["inputs"]] == ["sft", "reward_model"]
