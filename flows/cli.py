@@ -73,8 +73,9 @@ def run(preset: str = typer.Option("tiny", help="tiny | small | d20"),
 
 
 # ---- status --------------------------------------------------------------------------------------------------
-KEY_STATS = ("files", "docs_out", "vocab_size", "train_tokens", "val_loss", "val_bpb", "val_assistant_loss",
-             "val_accuracy", "val_reward_after")
+KEY_STATS = ("files_ok", "documents", "vocab_size", "bytes_per_token", "train_tokens", "val_loss", "val_bpb",
+             "unigram_entropy", "val_assistant_loss_base", "val_assistant_loss", "val_accuracy",
+             "val_reward_before", "val_reward_after")
 
 
 @app.command()
@@ -84,16 +85,16 @@ def status(root: Optional[str] = ROOT):
 
     store = _store(root)
     table = Table(title=f"artifacts in {store.root}")
-    for col in ("stage", "latest", "versions", "ended", "headline"):
-        table.add_column(col)
+    for col in ("stage", "latest", "headline"):
+        table.add_column(col, overflow="fold")
     for name in STAGES:
         latest = store.read_alias(name, "latest")
         if not latest:
-            table.add_row(name, "-", "0", "", "not run yet")
+            table.add_row(name, "-", "not run yet")
             continue
         m = store.manifest(name, latest)
         head = ", ".join(f"{k}={_fmt(m['stats'][k])}" for k in KEY_STATS if k in m["stats"])
-        table.add_row(name, latest, str(len(store.versions(name))), m["ended"], head)
+        table.add_row(name, latest, head)
     console.print(table)
 
 
@@ -150,18 +151,15 @@ def lineage(ref: str, down: bool = typer.Option(False, "--down", help="what was 
     def add(node: Tree, up: dict) -> None:
         branch = node.add(f"[bold]{up['ref']}[/]  ({up['manifest']['ended']})")
         if up["manifest"]["stage"] == "download":
-            for f in up["manifest"]["stats"].get("fetched_files", []) or _warc_files(up["manifest"]):
-                branch.add(f)
+            for f in up["manifest"]["files"]:
+                if f["path"].endswith(".warc.gz"):
+                    branch.add(f"{f['path']}  sha256 {f['sha256'][:12]}")
         for i in up["inputs"]:
             add(branch, i)
 
     tree = Tree(f"lineage of {stage}/{version}")
     add(tree, store.upstream(stage, version))
     console.print(tree)
-
-
-def _warc_files(manifest: dict) -> list[str]:
-    return [f["path"] for f in manifest["files"] if f["path"].endswith(".warc.gz")]
 
 
 @artifacts_app.command()

@@ -9,10 +9,13 @@ Retries are off too: a stage retries its own transient I/O; anything else failin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import types
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "crawl2chat")  # stage logs appear in the flow run
+# The embedded server phones home by default; offline machines would log an error on every run.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
@@ -20,6 +23,8 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from stages.artifacts import Artifact, ArtifactStore  # noqa: E402
 from stages.common import build  # noqa: E402
+
+logging.getLogger("crawl2chat").setLevel(logging.INFO)  # stages report progress (steps, files) at INFO
 
 # Stats shown as a table in the UI; long series (loss curves, samples) stay in manifest.json.
 _LONG = (list, dict)

@@ -31,7 +31,7 @@ from typing import IO, Callable, Iterator
 import fsspec
 import requests
 
-from stages.artifacts import Artifact
+from stages.artifacts import Artifact, sha256_file
 from stages.common import StageError, main
 
 NAME = "download"
@@ -145,14 +145,6 @@ def pick(paths: list[str], num_files: int, seed: int) -> list[str]:
 
 
 # ---- one file -------------------------------------------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_warc(path: Path) -> str | None:
     """Why `path` is not a readable gzipped WARC, or None when it is.
 
@@ -187,7 +179,7 @@ def fetch(rel: str, cfg: Config, warc_dir: Path) -> dict:
     url = f"{cfg.source.rstrip('/')}/{rel}"
     dest = warc_dir / rel
     if dest.exists():  # only complete, checked files ever get the final name
-        return {"path": rel, "url": url, "size": dest.stat().st_size, "sha256": sha256_of(dest), "fetched": False}
+        return {"path": rel, "url": url, "size": dest.stat().st_size, "sha256": sha256_file(dest), "fetched": False}
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
 

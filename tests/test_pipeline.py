@@ -8,6 +8,7 @@ PREFECT_HOME of the test's own.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -76,6 +77,30 @@ def test_every_stage_committed_with_its_numbers(first_run):
     assert 0 <= stats(store, "reward_model")["val_accuracy"] <= 1
     rl = stats(store, "rl")
     assert {"val_reward_before", "val_reward_after", "val_kl_to_reference"} <= rl.keys()
+
+
+READ_UI_ARTIFACTS = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+
+async def main():
+    async with get_client() as client:
+        print(json.dumps({a.key: a.data for a in await client.read_artifacts() if a.type == "markdown"}))
+
+asyncio.run(main())
+"""
+
+
+def test_each_stage_published_its_stats_to_prefect(first_run, env):
+    """Read back, through Prefect's API on the same PREFECT_HOME, the markdown artifact of every stage."""
+    result = subprocess.run([sys.executable, "-c", READ_UI_ARTIFACTS], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    published = json.loads(result.stdout.strip().splitlines()[-1])
+    for stage in STAGES:
+        markdown = published[stage.replace("_", "-")]
+        assert first_run.read_alias(stage, "latest") in markdown
+    assert "val_loss" in published["pretrain"] and "bad_files" in published["download"]
 
 
 def test_lineage_reaches_the_warc_files(first_run, env):
