@@ -56,12 +56,17 @@ def run(preset: str = typer.Option("tiny", help="tiny | small | d20"),
     from flows import presets
 
     try:
-        presets.load(preset, set_, source)  # fail fast, before Prefect starts, on a bad preset or override
+        # Fail fast, before Prefect starts, on a bad preset, override, stage name or source.
+        cfg = presets.load(preset, set_, source)
         if until is not None and until not in presets.STAGES:
             raise StageError(f"unknown stage '{until}' for --until: choose one of {', '.join(presets.STAGES)}")
         if source and "://" not in source and not os.path.isdir(source):
             raise StageError(f"source folder {source} does not exist: give a Common-Crawl-layout folder "
                              f"(crawl-data/CC-MAIN-*/warc.paths.gz) or an http(s)/s3 URL")
+        if source:
+            from stages.download import read_listing
+
+            read_listing(cfg.download)  # the listing is small; a source without one is a one-line error here
         from flows.pipeline import end_to_end
 
         built = end_to_end(preset=preset, overrides=list(set_), source=source, until=until, root=_root(root))

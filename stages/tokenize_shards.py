@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 
 from stages.artifacts import Artifact
 from stages.common import StageError, main
-from stages.train_tokenizer import CHAT_TOKENS, doc_files, hash_unit, iter_docs, load_tokenizer
+from stages.lm.chat import marker_escapes
+from stages.train_tokenizer import doc_files, hash_unit, iter_docs, load_tokenizer
 
 NAME = "tokenize_shards"
 CODE_VERSION = 1
@@ -127,9 +128,7 @@ def run(cfg: Config, docs: Artifact, tokenizer: Artifact, *, out: Artifact) -> d
     vocab_size = sp.get_piece_size()
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     bos, eos = sp.bos_id(), sp.eos_id()
-    # Chat markers found in web text -> the same text as ordinary tokens ("<" then "|user|>").
-    marker_ids = {sp.piece_to_id(t): np.array(sp.encode(t[:1]) + sp.encode(t[1:]), dtype=np.int64)
-                  for t in CHAT_TOKENS}
+    marker_ids = {i: np.array(ids, dtype=np.int64) for i, ids in marker_escapes(sp).items()}
 
     (out.path / "shards").mkdir(exist_ok=True)
     for stale in (out.path / "shards").iterdir():  # partial work of a crashed run: start over

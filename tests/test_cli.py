@@ -10,7 +10,6 @@ import dataclasses
 import json
 import shutil
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -153,7 +152,7 @@ def test_status(env):
     assert r.exit_code == 0, r.output
     assert env["download"].version in r.output
     row = next(line for line in r.output.splitlines() if "download" in line and env["download"].version in line)
-    assert " 1 " in row  # one version
+    assert "files_ok=5" in row  # the headline numbers
     for name in STAGES:
         assert name in r.output
     assert r.output.count("not run yet") == len(STAGES) - 1
@@ -214,11 +213,10 @@ def error_lines(result) -> list[str]:
     (["run", "--set", "pretrain.depth=0"], ["depth"]),
     (["run", "--until", "nosuchstage"], ["nosuchstage", "download", "rl"]),
     (["run", "--source", "/does/not/exist"], ["/does/not/exist"]),
+    (["run", "--source", str(Path(__file__).parent)], ["warc.paths.gz", "source"]),  # a folder, no listing
 ])
 def test_run_bad_input_fails_fast(no_pipeline, tmp_path, args, says):
-    t = time.monotonic()
     r = invoke(*args, "--root", tmp_path / "store")
-    assert time.monotonic() - t < 5
     assert r.exit_code != 0, r.output
     lines = error_lines(r)
     assert len(lines) == 1 and lines[0].startswith("error:"), r.output

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stages import download
-from stages.artifacts import Artifact, ArtifactStore
+from stages.artifacts import Artifact, ArtifactStore, sha256_file
 from stages.common import StageError, build
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny-cc"
@@ -61,7 +61,7 @@ def check_output(stats: dict, out: Artifact, expected: list[str]) -> None:
     for f in files:
         local = out.path / "warc" / f["path"]
         assert local.stat().st_size == f["size"]
-        assert f["sha256"] == download.sha256_of(local)
+        assert f["sha256"] == sha256_file(local)
         assert f["url"].endswith(f["path"])
     assert stats["bytes"] == sum(f["size"] for f in files)
     assert not list(out.path.rglob("*.part"))

@@ -17,7 +17,17 @@ import sentencepiece as spm
 from stages.common import StageError
 
 SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+MARKERS = SPECIALS[3:]  # the chat markers: SentencePiece user-defined symbols, matched in raw text
 ROLES = ("system", "user", "assistant")
+
+
+def marker_escapes(sp: spm.SentencePieceProcessor) -> dict[int, list[int]]:
+    """Chat marker id -> the same text as ordinary tokens ("<" then "|user|>").
+
+    The markers are SentencePiece user-defined symbols, so the literal text "<|user|>" in a web page or a
+    user's message would encode to the marker itself; swapping in these ids keeps text from forging turns.
+    """
+    return {sp.piece_to_id(t): sp.encode(t[:1]) + sp.encode(t[1:]) for t in MARKERS}
 
 
 class ChatTokenizer:
@@ -32,9 +42,14 @@ class ChatTokenizer:
         self.end = ids["<|end|>"]
         self.role = {r: ids[f"<|{r}|>"] for r in ROLES}
         self.vocab_size = self.sp.vocab_size()
+        self.escapes = marker_escapes(self.sp)
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        """Text as ordinary tokens: a literal chat marker in it never becomes the special token."""
+        ids = self.sp.encode(text)
+        if any(i in self.escapes for i in ids):
+            ids = [j for i in ids for j in self.escapes.get(i, (i,))]
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
