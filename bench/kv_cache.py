@@ -12,7 +12,7 @@ those interleaved runs, the naive side the sum of its pieces.
 
 Goal: ratio >= 5 (the cache makes rollouts at least 5x faster at 256 new tokens).
 
-    source /tmp/venv1/bin/activate
+    make setup && source .venv/bin/activate
     python bench/kv_cache.py                          # depth 4, head_dim 32, seq_len 512, 8 samples, 256 tokens
     python bench/kv_cache.py --new-tokens 128 --chunks 2   # quicker
 """

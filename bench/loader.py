@@ -15,7 +15,7 @@ tokenizer of vocab 1024 (uint16 tokens) and small shards (--shard-tokens) so tha
 Goal: ratio >= 0.5, i.e. the loader's memory mapping, shard-crossing reads and shuffling cost at most 2x an
 in-memory copy (the loader is then far from being what limits a training step).
 
-    source /tmp/venv1/bin/activate
+    make setup && source .venv/bin/activate
     python bench/loader.py
     python bench/loader.py --seq-len 2048 --batch 16 --shard-tokens 65536
 """

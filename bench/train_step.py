@@ -11,7 +11,7 @@ Goal: ratio <= 1.10, i.e. DeepSpeed (ZeRO 0, fp32, one rank on CPU) adds at most
 The losses of the two models are compared step for step as a sanity check (same maths, so they should agree to
 float rounding; a large difference means the two loops do not do the same work and the ratio means nothing).
 
-    source /tmp/venv1/bin/activate
+    make setup && source .venv/bin/activate
     python bench/train_step.py                                   # depth 4, head_dim 32, seq_len 256, batch 8
     python bench/train_step.py --rounds 10 --block 4 --threads 2  # longer; 2 threads on an idle machine
 """
