@@ -73,14 +73,15 @@ def run(preset: str = typer.Option("tiny", help="tiny | small | d20"),
     except (StageError, ArtifactError) as e:
         _fail(str(e))
     console.print(f"[bold green]done[/] ({len(built)} stages); artifacts in {_root(root)}")
-    for stage, ref in built.items():
-        console.print(f"  {stage:16} {ref}")
+    for ref in built:
+        console.print(f"  {ref}")
 
 
 # ---- status --------------------------------------------------------------------------------------------------
 KEY_STATS = ("files_ok", "documents", "vocab_size", "bytes_per_token", "train_tokens", "val_loss", "val_bpb",
              "unigram_entropy", "val_assistant_loss_base", "val_assistant_loss", "val_accuracy",
-             "val_reward_before", "val_reward_after")
+             "val_reward_before", "val_reward_after", "hellaswag_acc", "gsm8k_acc", "reward_mean",
+             "win_rate_vs_sft")
 
 
 @app.command()

@@ -15,7 +15,8 @@ from prefect import flow
 
 from flows import presets
 from flows.tasks import run_stage
-from stages import download, extract, pretrain, reward_model, rl, sft, tokenize_shards, train_tokenizer
+from stages import (download, evaluate, extract, pretrain, reward_model, rl, sft, tokenize_shards,
+                    train_tokenizer)
 
 
 class _Until(Exception):
@@ -24,13 +25,13 @@ class _Until(Exception):
 
 @flow(name="crawl2chat", flow_run_name="{preset}", validate_parameters=False)
 def end_to_end(preset: str = "tiny", overrides: list[str] = (), source: str | None = None,
-               until: str | None = None, root: str = "artifacts") -> dict[str, str]:
+               until: str | None = None, root: str = "artifacts") -> list[str]:
     cfg = presets.load(preset, list(overrides), source)
-    built: dict[str, str] = {}
+    built: list[str] = []
 
     def stage(module, *inputs):
         art = run_stage(module, cfg.stage(module.NAME), list(inputs), root)
-        built[module.NAME] = art.ref
+        built.append(art.ref)
         if module.NAME == until:
             raise _Until
         return art
@@ -41,9 +42,12 @@ def end_to_end(preset: str = "tiny", overrides: list[str] = (), source: str | No
         tokenizer = stage(train_tokenizer, docs)         # documents -> SentencePiece BPE
         shards = stage(tokenize_shards, docs, tokenizer)  # documents -> token shards (Arrow)
         base = stage(pretrain, shards, tokenizer)        # base model (DeepSpeed)
+        card = stage(evaluate, base, shards)             # bits per byte, HellaSwag
         chat = stage(sft, base)                          # chat model: conversations, assistant-token loss
         reward = stage(reward_model, chat)               # Bradley-Terry on human preference pairs
-        stage(rl, chat, reward)                          # GRPO against the reward model, KL to the chat model
+        card = stage(evaluate, chat, reward, card)       # + GSM8K, reward-model score
+        assistant = stage(rl, chat, reward)              # GRPO against the reward model, KL to the chat model
+        stage(evaluate, assistant, reward, chat, card)   # + win rate against the chat model: the report card
     except _Until:
         pass
     return built

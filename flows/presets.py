@@ -14,14 +14,16 @@ import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from stages import download, extract, pretrain, reward_model, rl, sft, tokenize_shards, train_tokenizer
+from stages import (download, evaluate, extract, pretrain, reward_model, rl, sft, tokenize_shards,
+                    train_tokenizer)
 from stages.common import StageError, apply_overrides, parse_assignment
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
 
 # The DAG's stages in order; flows/pipeline.py wires their inputs.
-STAGES = {m.NAME: m for m in (download, extract, train_tokenizer, tokenize_shards, pretrain, sft, reward_model, rl)}
+STAGES = {m.NAME: m for m in (download, extract, train_tokenizer, tokenize_shards, pretrain, sft, reward_model, rl,
+                              evaluate)}
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class PipelineConfig:
     sft: sft.Config = field(default_factory=lambda: sft.Config(data=str(DATA / "conversations/hh-rlhf-dialogues.800.jsonl")))
     reward_model: reward_model.Config = field(default_factory=lambda: reward_model.Config(data=str(DATA / "preferences/hh-rlhf-pairs.800.jsonl")))
     rl: rl.Config = field(default_factory=lambda: rl.Config(prompts=str(DATA / "preferences/hh-rlhf-pairs.800.jsonl")))
+    evaluate: evaluate.Config = field(default_factory=evaluate.Config)
 
     def stage(self, name: str):
         return getattr(self, name)
@@ -60,6 +63,7 @@ def tiny() -> PipelineConfig:
         sft=dict(steps=150, lr=1e-3, micro_batch_size=8, checkpoint_every=100),
         reward_model=dict(steps=150, lr=3e-4, micro_batch_size=8, checkpoint_every=100),
         rl=dict(steps=20, lr=1e-4, group_size=8, prompts_per_step=4, max_new_tokens=32, checkpoint_every=10),
+        evaluate=dict(hellaswag_items=200, gsm8k_items=20, gsm8k_max_new_tokens=64),
     )
     return replace(cfg, preset="tiny")
 

@@ -35,12 +35,16 @@ def stats_markdown(stage: str, art: Artifact, reused: bool, stats: dict) -> str:
              f"{'Reused the committed artifact' if reused else 'Built'} at `{art.path}`", "",
              "| stat | value |", "| --- | --- |"]
     for key, value in stats.items():
+        if key == "report_card":
+            continue
         if isinstance(value, float):
             value = f"{value:.4g}"
         elif isinstance(value, _LONG):
             text = json.dumps(value, default=str)
             value = text if len(text) <= 200 else f"{text[:200]}… (see manifest.json)"
         lines.append(f"| {key} | {str(value).replace('|', '/')} |")
+    if "report_card" in stats:  # evaluate: the card across the lineage, as its own table
+        lines += ["", "## Report card", "", stats["report_card"]]
     return "\n".join(lines)
 
 

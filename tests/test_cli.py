@@ -192,7 +192,7 @@ def no_pipeline(monkeypatch):
 
     def end_to_end(**kw):
         calls.append(kw)
-        return {"download": "download/000000000000"}
+        return ["download/000000000000"]
 
     fake.end_to_end = end_to_end
     monkeypatch.setitem(sys.modules, "flows.pipeline", fake)

@@ -65,8 +65,8 @@ def stats(store: ArtifactStore, stage: str) -> dict:
 
 def test_every_stage_committed_with_its_numbers(first_run):
     store = first_run
-    for stage in STAGES:
-        assert len(store.versions(stage)) == 1, stage
+    for stage in STAGES:  # evaluate runs after pretrain, sft and rl
+        assert len(store.versions(stage)) == (3 if stage == "evaluate" else 1), stage
     bad = stats(store, "download")["bad_files"]
     assert [b["path"] for b in bad] == [CORRUPT]
     assert stats(store, "extract")["documents"] > 50
@@ -77,6 +77,9 @@ def test_every_stage_committed_with_its_numbers(first_run):
     assert 0 <= stats(store, "reward_model")["val_accuracy"] <= 1
     rl = stats(store, "rl")
     assert {"val_reward_before", "val_reward_after", "val_kl_to_reference"} <= rl.keys()
+    card = stats(store, "evaluate")["report_card"].splitlines()  # base -> sft -> rl, one row each
+    assert [row.split("|")[1].strip().split("/")[0] for row in card[2:]] == ["pretrain", "sft", "rl"]
+    assert 0 <= stats(store, "evaluate")["win_rate_vs_sft"] <= 1
 
 
 READ_UI_ARTIFACTS = """
@@ -118,10 +121,11 @@ def test_second_run_reuses_everything_and_a_changed_setting_rebuilds_downstream_
     again = crawl2chat("run", "--preset", "tiny", "--source", str(source), env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {s: store.read_alias(s, "latest") for s in STAGES} == before
-    assert all(len(store.versions(s)) == 1 for s in STAGES)  # nothing rebuilt
+    assert all(len(store.versions(s)) == (3 if s == "evaluate" else 1) for s in STAGES)  # nothing rebuilt
 
     changed = crawl2chat("run", "--preset", "tiny", "--source", str(source), "--set", "rl.kl_coef=0.1", env=env)
     assert changed.returncode == 0, changed.stderr[-3000:]
     after = {s: store.read_alias(s, "latest") for s in STAGES}
     assert {s: v for s, v in after.items() if s != "rl"} == {s: v for s, v in before.items() if s != "rl"}
     assert after["rl"] != before["rl"] and len(store.versions("rl")) == 2
+    assert len(store.versions("evaluate")) == 4  # the rl model's evaluation, downstream of rl, re-ran too

@@ -14,7 +14,7 @@ from stages.artifacts import canonical_json, plan_version
 from stages.common import StageError
 
 REPO = Path(__file__).resolve().parent.parent
-ORDER = ["download", "extract", "train_tokenizer", "tokenize_shards", "pretrain", "sft", "reward_model", "rl"]
+ORDER = ["download", "extract", "train_tokenizer", "tokenize_shards", "pretrain", "sft", "reward_model", "rl", "evaluate"]
 
 
 def test_stages_in_dag_order():
