@@ -3,6 +3,8 @@
     crawl2chat run --preset tiny [--source DIR|URL] [--until STAGE] [--set stage.field=value ...]
     crawl2chat status
     crawl2chat artifacts list [STAGE] | show REF | lineage REF [--down] | verify [REF]
+    crawl2chat chat [ARTIFACT] | generate ARTIFACT PROMPT
+    crawl2chat export REF --format hf [--out DIR]
 
 REF is `stage`, `stage/latest`, `stage/<version>` or a version prefix. The store is ./artifacts unless
 --root or CRAWL2CHAT_ROOT says otherwise (a path or an fsspec URL). Errors are one line that names the fix,
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -187,6 +190,80 @@ def verify(ref: Optional[str] = typer.Argument(None, help="one artifact; all com
     if bad:
         _fail(f"{bad} of {len(targets)} artifacts differ from their manifests: delete them "
               f"and re-run the pipeline to rebuild them")
+
+
+# ---- export --------------------------------------------------------------------------------------------------
+@app.command()
+def export(ref: str = typer.Argument(..., metavar="ARTIFACT", help="a pretrain, sft, reward_model or rl artifact"),
+           format_: str = typer.Option("hf", "--format", help="hf: a Hugging Face Llama directory"),
+           out: Optional[str] = typer.Option(None, "--out", help="folder (default: exports/<stage>-<version>-hf)"),
+           root: Optional[str] = ROOT):
+    """Write a model artifact in another format (hf: transformers' LlamaForCausalLM + LlamaTokenizer)."""
+    if format_ != "hf":
+        _fail(f"unknown export format '{format_}': use --format hf")
+    store = _store(root)
+    stage, version = _resolve(store, ref)
+    out_dir = Path(out) if out else Path("exports") / f"{stage}-{version}-hf"
+    from stages.lm.export import export_hf  # imports torch: only when exporting
+
+    try:
+        stats = export_hf(store.get(stage, version).path, out_dir)
+    except (StageError, ArtifactError) as e:
+        _fail(f"{stage}/{version}: {e}")
+    console.print(f"[bold green]exported[/] {stage}/{version} ({stats['parameters']:,} parameters) to {out_dir}")
+    if stats["left_out"]:
+        console.print(f"  left out (no Llama equivalent): {', '.join(stats['left_out'])}")
+
+
+# ---- chat ----------------------------------------------------------------------------------------------------
+CHAT_STAGES = ("rl", "sft")  # the default model: the newest assistant, else the newest chat model
+
+
+def _model_dir(store: ArtifactStore, ref: Optional[str]) -> Path:
+    if ref is None:
+        found = [s for s in CHAT_STAGES if store.read_alias(s, "latest")]
+        if not found:
+            _fail(f"no chat model in {store.root} yet: run `crawl2chat run --preset tiny` first, or pass an "
+                  f"ARTIFACT such as sft/<version>")
+        ref = found[0]
+    stage, version = _resolve(store, ref)
+    return store.get(stage, version).path
+
+
+@app.command()
+def chat(ref: Optional[str] = typer.Argument(None, metavar="[ARTIFACT]", help="default: the newest rl, else sft"),
+         temperature: float = typer.Option(0.8, help="0 is greedy"),
+         top_k: int = typer.Option(50, help="sample among the k likeliest tokens (0: all)"),
+         max_new_tokens: int = typer.Option(256, help="longest reply in tokens"),
+         seed: Optional[int] = typer.Option(None, help="fix the sampling for reproducible replies"),
+         root: Optional[str] = ROOT):
+    """A streaming chat in the terminal with a model artifact."""
+    from flows.chat import Chat, repl
+
+    store = _store(root)
+    try:
+        repl(Chat(_model_dir(store, ref), temperature, top_k, max_new_tokens, seed))
+    except (StageError, ArtifactError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def generate(ref: str = typer.Argument(..., metavar="ARTIFACT"), prompt: str = typer.Argument(...),
+             temperature: float = typer.Option(0.8, help="0 is greedy"),
+             top_k: int = typer.Option(50, help="sample among the k likeliest tokens (0: all)"),
+             max_new_tokens: int = typer.Option(256, help="longest reply in tokens"),
+             seed: Optional[int] = typer.Option(None, help="fix the sampling for reproducible replies"),
+             root: Optional[str] = ROOT):
+    """One answer to PROMPT, printed as it streams."""
+    import sys
+
+    from flows.chat import Chat
+
+    store = _store(root)
+    try:
+        Chat(_model_dir(store, ref), temperature, top_k, max_new_tokens, seed).reply(prompt, sys.stdout)
+    except (StageError, ArtifactError) as e:
+        _fail(str(e))
 
 
 def main():

@@ -14,7 +14,9 @@ Special tokens have fixed ids in every tokenizer this stage makes: <unk>=0, <|bo
 <|assistant|>=6, <|end|>=7 (user-defined: encode turns the literal text "<|user|>" into id 5, so
 tokenize_shards escapes such literals in web text; chat code may build turns by encoding the markers).
 
-Output: tokenizer.model, tokenizer.vocab, tokenizer.json (sha256 of the model, vocab size, special ids).
+Output: tokenizer.model, tokenizer.vocab, tokenizer.json (sha256 of the model, vocab size, special ids), and
+hf/ with the files Hugging Face's LlamaTokenizer loads (`LlamaTokenizer.from_pretrained(artifact / "hf")`
+gives the same ids). They sit in hf/ because transformers would read our tokenizer.json as its own format.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ import sentencepiece as spm
 
 from stages.artifacts import Artifact, sha256_file
 from stages.common import StageError, main
+from stages.lm.export import write_hf_tokenizer
 
 NAME = "train_tokenizer"
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: also writes hf/ (Hugging Face LlamaTokenizer files)
 
 log = logging.getLogger(f"crawl2chat.{NAME}")
 
@@ -195,6 +198,7 @@ def run(cfg: Config, docs: Artifact, *, out: Artifact) -> dict:
             "vocab_size": sp.get_piece_size(), "special_tokens": SPECIAL_IDS,
             "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
     (out.path / "tokenizer.json").write_text(json.dumps(meta, indent=2))
+    write_hf_tokenizer(model_path, out.path / "hf")  # the same writer as `crawl2chat export`
     return {"vocab_size": sp.get_piece_size(), "tokenizer_sha256": sha,
             "sample_docs": len(sample), "heldout_docs": len(heldout),
             "bytes_per_token": round(n_bytes / n_tokens, 4) if n_tokens else None,

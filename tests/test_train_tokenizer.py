@@ -33,7 +33,9 @@ def tok(tmp_path_factory):
 
 def test_outputs_and_stats(tok):
     _, art, stats, sp = tok
-    assert {p.name for p in art.path.iterdir()} == {"tokenizer.model", "tokenizer.vocab", "tokenizer.json"}
+    assert {p.name for p in art.path.iterdir()} == {"tokenizer.model", "tokenizer.vocab", "tokenizer.json", "hf"}
+    assert {p.name for p in (art.path / "hf").iterdir()} == {"tokenizer.model", "tokenizer_config.json",
+                                                             "special_tokens_map.json"}
     meta = json.loads((art.path / "tokenizer.json").read_text())
     assert meta["tokenizer_sha256"] == sha256_file(art.path / "tokenizer.model") == stats["tokenizer_sha256"]
     assert meta["vocab_size"] == stats["vocab_size"] == sp.get_piece_size() == 1024
