@@ -1,66 +1,115 @@
-"""Download a deterministic sample of WARC files from Common Crawl (or any mirror in its layout).
+"""Download a deterministic sample of WARC files from Common Crawl (or a mirror in its layout), verified as it streams.
 
     python -m stages.download --root artifacts --set source=data/tiny-cc --set num_files=0   # bundled sample, CPU, seconds
     python -m stages.download --root artifacts --set num_files=8                             # live Common Crawl
+    python -m stages.download --root artifacts --set crawl=latest --set fraction=0.001 --set sample_mb=5
 
-Reads `{source}/crawl-data/{crawl}/warc.paths.gz`, keeps the lines shaped like a Common Crawl WARC path, picks
-`num_files` of them with `seed`, and fetches each into `warc/<listing path>` (written to `.part`, renamed when
-complete and checked). A file that is not a readable WARC (no gzip magic, warcio cannot iterate it, or the
-source says 404) is deleted and named in `stats["bad_files"]`; the run goes on. A file that still fails with a
-transient error after `retries` fails the stage (so the artifact is never committed without it); re-run to resume. `files.json` lists every kept file with its sha256.
-A re-run into the same directory skips files already present: only complete, checked files carry the final name.
+Sources, one code path: https:// (default data.commoncrawl.org; requests, so status codes, Range and timeouts are
+explicit), s3://commoncrawl (fsspec, anonymous; needs `pip install s3fs`), a local folder or file:// (fsspec).
+
+1. Crawl: `crawl` names one (CC-MAIN-2024-22) or is "latest", resolved at run time from collinfo.json (newest
+   first) and recorded in stats["crawl"]. The artifact version hashes the config, so "latest" keeps its version
+   when a new crawl appears: a re-run reuses the old artifact (its stats say which crawl it holds). Name the crawl
+   for reproducible runs; change any field (or name the new crawl) to get a new one.
+2. Selection: `{source}/crawl-data/{crawl}/warc.paths.gz` lists the WARCs; lines not shaped like a Common Crawl
+   WARC path are rejected (counted in stats). The listing is shuffled with `seed` and the first `num_files` (or
+   `fraction` of the listing) are kept, so a bigger sample contains a smaller one with the same seed. The kept
+   files are split round-robin over `workers` threads.
+3. Each file streams into `warc/<listing path>.part`. Every byte is inflated once: gzip members (one WARC
+   record each in Common Crawl) are cut at their boundaries and warcio reads the decompressed records, whose
+   WARC-Block-Digest (sha1, base32) is checked. A dropped connection, a timeout, HTTP 5xx/429 or an error page
+   (XML/HTML, even with status 200) is retried with exponential backoff and jitter, resuming the .part with a
+   Range request. A file that fails verification (bad digest, cut gzip member, not gzip) is fetched again from
+   scratch; when it fails the same way twice (or comes from a folder, or the server confirms it ends there), the
+   source itself is bad: the file is dropped and named in stats["bad_files"] with its bad records; the run goes on.
+   A 404 is a bad file at once. A file that still fails with a transient error after `retries` fails the stage
+   (the artifact is never committed without it): re-run to resume; finished files are re-verified from disk, not
+   fetched again.
+4. `sample_mb` > 0 fetches only the first sample_mb MB of each WARC (one Range request) and keeps the whole gzip
+   members in it: real records at a small cost, for small runs.
+
+`files.json` lists every kept file with its sha256, record and digest counts. Progress (files, MB, MB/s, ETA) is
+logged at INFO on the "crawl2chat" logger every few seconds and per file.
 """
 
 from __future__ import annotations
 
+import base64
+import collections
+import contextlib
 import gzip
 import hashlib
+import io
+import itertools
 import json
 import logging
-import os
 import random
 import re
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import Iterator
 
 import fsspec
 import requests
+import urllib3
+
+try:  # ISA-L inflates about twice as fast as zlib (68 vs 35 MB/s of .warc.gz measured here), with zlib's API
+    from isal import isal_zlib as inflate
+except ImportError:  # optional: `pip install isal`; zlib gives the same bytes, slower
+    inflate = zlib
 
 from stages.artifacts import Artifact, sha256_file
 from stages.common import StageError, main
 
 NAME = "download"
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: shuffled (nested) selection, digest-verified records, counts in files.json
 log = logging.getLogger("crawl2chat")
 
 # crawl-data/CC-MAIN-2024-22/segments/1715971057216.39/warc/CC-MAIN-...-00000.warc.gz; each part is a plain name
 LISTING_LINE = re.compile(r"crawl-data/CC-MAIN-[\w-]+/segments/[\w.-]+/warc/[\w.-]+\.warc\.gz")
 GZIP_MAGIC = b"\x1f\x8b"
 CHUNK = 1 << 20  # 1 MiB read/hash/write unit
+OFFICIAL = ("https://data.commoncrawl.org", "s3://commoncrawl")  # where collinfo.json lives elsewhere:
+COLLINFO = "https://index.commoncrawl.org/collinfo.json"  # [{"id": "CC-MAIN-2024-22", ...}, ...], newest first
+BACKOFF_CAP_S = 60.0  # no single wait longer than a minute, however many retries
+PROGRESS_EVERY_S = 5.0  # seconds between progress lines (plus one line per finished file)
 
 
 @dataclass(frozen=True)
 class Config:
-    # a local folder, file:// URL or http(s):// URL laid out like Common Crawl (crawl-data/<crawl>/warc.paths.gz)
+    # https:// (default), s3://commoncrawl (pip install s3fs), a local folder or file:// in Common Crawl layout
     source: str = "https://data.commoncrawl.org"
-    crawl: str = "CC-MAIN-2024-22"  # the crawl of May 2024; https://commoncrawl.org/latest-crawl
-    num_files: int = 1  # WARC files to fetch (~1.2 GB, ~30k pages each on the live crawl); 0 or negative = all
-    seed: int = 0  # which num_files of the listing: same seed, same files
-    retries: int = 5  # extra attempts per file after a transient error (HTTP 5xx/429, connection, timeout)
-    backoff_s: float = 2.0  # wait before retry k is backoff_s * 2**k seconds: 2, 4, 8, 16, 32 (~1 min in all)
+    crawl: str = "CC-MAIN-2024-22"  # the crawl of May 2024, or "latest" (resolved at run time; see the module doc)
+    # where "latest" is looked up; "" = index.commoncrawl.org for the official sources, else {source}/collinfo.json
+    collinfo_url: str = ""
+    # WARC files (~1.2 GB, ~30k pages each on the live crawl); None = 1 unless fraction is set; 0 or negative = all
+    num_files: int | None = None
+    fraction: float = 0.0  # instead of num_files: this share of the listing (at least 1 file); 0 = unused
+    seed: int = 0  # which files: same seed, same files
+    sample_mb: float = 0.0  # > 0: only the whole gzip members in the first sample_mb MB (1e6 bytes) of each WARC
+    retries: int = 5  # attempts per file after a failure; an attempt that got new bytes does not count
+    backoff_s: float = 2.0  # before retry k, wait a random time in [0, backoff_s * 2**k] (capped at 60 s)
     timeout_s: float = 60.0  # seconds to connect, and the longest wait for the next bytes of a response
-    workers: int = 4  # files fetched at once; data.commoncrawl.org asks for few parallel requests per client
+    # files fetched at once (threads): the concurrency limit. data.commoncrawl.org (S3 behind CloudFront) answers
+    # 503 SlowDown when a client asks too fast; a few connections, with backoff, is the polite maximum.
+    workers: int = 4
 
     def __post_init__(self):
         if not self.source:
-            raise ValueError("source is empty; give a folder, file:// or http(s):// URL in Common Crawl layout")
-        if not re.fullmatch(r"CC-MAIN-[\w-]+", self.crawl):
-            raise ValueError(f"crawl '{self.crawl}' is not a Common Crawl name such as CC-MAIN-2024-22")
+            raise ValueError("source is empty; give a folder, file://, s3:// or http(s):// URL in Common Crawl layout")
+        if self.crawl != "latest" and not re.fullmatch(r"CC-MAIN-[\w-]+", self.crawl):
+            raise ValueError(f"crawl '{self.crawl}' is not a Common Crawl name such as CC-MAIN-2024-22 (or 'latest')")
+        if not 0 <= self.fraction <= 1:
+            raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
+        if self.fraction and self.num_files is not None:
+            raise ValueError("num_files and fraction are exclusive: set num_files=none to use fraction")
+        if self.sample_mb < 0:
+            raise ValueError(f"sample_mb must be 0 (whole files) or more, got {self.sample_mb}")
         if self.retries < 0:
             raise ValueError(f"retries must be 0 or more, got {self.retries}")
         if self.backoff_s < 0 or self.timeout_s <= 0:
@@ -69,52 +118,219 @@ class Config:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
 
 
-# ---- I/O: one opener for every source, retries only for what is transient --------------------------------------
+# ---- errors: each kind has its own remedy ---------------------------------------------------------------------------
 class TransientError(Exception):
-    """An I/O failure worth retrying: HTTP 5xx/429, a dropped connection, a timeout."""
+    """Worth retrying, resuming the .part: HTTP 5xx/429, an error page, a dropped connection, a timeout, a short read."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds, when the server said so (Retry-After)
+
+
+class CorruptError(Exception):
+    """The bytes are wrong (bad digest, cut gzip member, not a WARC): fetch the file again from scratch."""
+
+    def __init__(self, message: str, bad_records: list[dict] | None = None, at_source: bool = False):
+        super().__init__(message)
+        self.bad_records = bad_records or []
+        self.at_source = at_source  # known to be the source's own damage: fetching again will not help
+
+
+class MissingError(Exception):
+    """The source has no such file (HTTP 4xx, not found): retrying will not help."""
+
+
+def backoff(attempt: int, cfg: Config, retry_after: float | None = None) -> float:
+    """Seconds to wait before retry `attempt` (0-based): "full jitter", so that workers hit by the same outage do
+    not retry in lockstep (https://aws.amazon.com/blogs/architecture/exponential-backoff-and-jitter/)."""
+    wait = random.uniform(0, min(BACKOFF_CAP_S, cfg.backoff_s * 2**attempt))
+    return max(wait, min(retry_after or 0.0, BACKOFF_CAP_S))
+
+
+# ---- sources: bytes [start, end) of a URL -------------------------------------------------------------------------
+@dataclass
+class Body:
+    chunks: Iterator[bytes]
+    offset: int  # where these bytes start in the file: 0 when a server ignored our Range
 
 
 def _is_http(url: str) -> bool:
     return url.startswith(("http://", "https://"))
 
 
-def _chunks(url: str, timeout_s: float) -> Iterator[bytes]:
-    """The bytes at `url` in chunks; requests for HTTP (clear status codes and timeouts), fsspec for the rest."""
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+_sessions = threading.local()  # one requests.Session (keep-alive connections) per thread: Session is not thread-safe
+
+
+@contextlib.contextmanager
+def open_bytes(url: str, start: int, end: int | None, cfg: Config) -> Iterator[Body]:
+    """The bytes of `url` from `start` up to `end` (None: to the end of the file), in chunks."""
     if not _is_http(url):
-        with fsspec.open(url, "rb") as f:
-            while chunk := f.read(CHUNK):
-                yield chunk
+        yield from _fsspec_bytes(url, start, end)
         return
+    session = getattr(_sessions, "session", None) or requests.Session()
+    _sessions.session = session
+    headers = {"Accept-Encoding": "identity"}  # the stored .gz bytes; no transparent decoding by requests
+    if start or end is not None:
+        headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
     try:
-        with requests.get(url, stream=True, timeout=timeout_s) as r:
-            if r.status_code >= 500 or r.status_code == 429:
-                raise TransientError(f"HTTP {r.status_code} from {url}")
-            r.raise_for_status()  # 4xx: retrying will not help
-            yield from r.iter_content(CHUNK)
-    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-        raise TransientError(f"{type(e).__name__} for {url}: {e}") from e
+        r = session.get(url, headers=headers, stream=True, timeout=cfg.timeout_s)
+    except (requests.ConnectionError, requests.Timeout) as e:
+        raise TransientError(f"{type(e).__name__}: {e}") from e
+    with r:
+        status, ctype = r.status_code, r.headers.get("Content-Type", "")
+        if status >= 500 or status == 429:  # S3 says 503 SlowDown when asked too fast
+            after = r.headers.get("Retry-After", "")
+            raise TransientError(f"HTTP {status}: {_excerpt(r)}", float(after) if after.isdigit() else None)
+        if status == 416:  # asked from past the end: fine only when the .part is exactly the whole file
+            total = _range_total(r.headers.get("Content-Range", ""))
+            if total != start:
+                raise CorruptError(f"the partial file ({start} bytes) does not fit the source ({total} bytes)")
+            yield Body(iter(()), start)
+            return
+        if status >= 400:
+            raise MissingError(f"HTTP {status} for {url}")
+        if "xml" in ctype or "html" in ctype:  # Common Crawl and proxies answer errors with XML/HTML pages
+            raise TransientError(f"HTTP {status} with an error page ({ctype}): {_excerpt(r)}")
+        length = int(r.headers["Content-Length"]) if r.headers.get("Content-Length", "").isdigit() else None
+        if status == 206:
+            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", r.headers.get("Content-Range", ""))
+            if not m or int(m[1]) != start:
+                raise TransientError(f"Content-Range '{r.headers.get('Content-Range')}' does not answer "
+                                     f"Range '{headers['Range']}'")
+            if length is not None and length != int(m[2]) - int(m[1]) + 1:
+                raise TransientError(f"Content-Length {length} disagrees with Content-Range {m[0]}")
+            offset, length = start, int(m[2]) - int(m[1]) + 1
+        elif status == 200:  # no Range asked, or the server ignored it: the whole file from byte 0
+            offset = 0
+            if end is not None and length is not None:
+                length = min(length, end)  # a sample: read the first `end` bytes, then hang up
+        else:
+            raise MissingError(f"HTTP {status} for {url}: expected 200 or 206")
+        yield Body(_http_chunks(r, offset, length, end), offset)
 
 
-def with_retries(fn: Callable[[], object], what: str, cfg: Config):
+def _http_chunks(r: requests.Response, offset: int, length: int | None, end: int | None) -> Iterator[bytes]:
+    """The response body, converting every network failure into TransientError; checks its length at the end."""
+    received = 0
+    limit = length if length is not None else (end - offset if end is not None else None)
+    stream = r.raw.stream(CHUNK, decode_content=False)
+    while limit is None or received < limit:
+        try:
+            chunk = next(stream, b"")
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as e:  # reset, timeout, short read
+            raise TransientError(f"connection broken after {received} bytes: {type(e).__name__}: {e}") from e
+        if not chunk:
+            break
+        if received == 0 and offset == 0 and not chunk.startswith(GZIP_MAGIC) and chunk.lstrip()[:1] == b"<":
+            raise TransientError(f"HTTP {r.status_code} with an XML/HTML error body: {chunk[:200]!r}")
+        if limit is not None:
+            chunk = chunk[: limit - received]
+        received += len(chunk)
+        yield chunk
+    if length is not None and received < length:
+        raise TransientError(f"short body: {received} of {length} bytes")
+
+
+def _fsspec_bytes(url: str, start: int, end: int | None) -> Iterator[Body]:
+    """Local folders, file:// and s3:// (anonymous): seek to `start`, read to `end`."""
+    remote = not _is_local(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **({"anon": True} if url.startswith("s3://") else {}))
+        size = fs.size(path)
+        f = fs.open(path, "rb")
+    except ImportError as e:  # fsspec names the missing package: s3fs for s3://
+        raise StageError(f"reading {url} needs an extra package ({e}): pip install s3fs") from e
+    except (FileNotFoundError, PermissionError) as e:
+        raise MissingError(f"{type(e).__name__}: {e}") from e
+    except Exception as e:  # an object store's own errors (botocore, aiohttp): may go away, retry
+        if remote:
+            raise TransientError(f"{type(e).__name__}: {e}") from e
+        raise MissingError(f"{type(e).__name__}: {e}") from e
+    if start > size:
+        raise CorruptError(f"the partial file ({start} bytes) is longer than the source ({size} bytes)")
+
+    def chunks() -> Iterator[bytes]:
+        f.seek(start)
+        left = (min(end, size) if end is not None else size) - start
+        while left > 0:
+            try:
+                chunk = f.read(min(CHUNK, left))
+            except Exception as e:  # s3fs retries internally; what is left is worth our retry too
+                if remote:
+                    raise TransientError(f"{type(e).__name__}: {e}") from e
+                raise
+            if not chunk:
+                raise TransientError(f"short read: {size - left - start} of {size - start} bytes")
+            left -= len(chunk)
+            yield chunk
+
+    with f:
+        yield Body(chunks(), start)
+
+
+def _excerpt(r: requests.Response) -> str:
+    try:
+        return r.raw.read(300, decode_content=False).decode("utf-8", "replace").strip() or r.reason
+    except Exception:  # the error body is only for the message; a broken one must not hide the status
+        return r.reason
+
+
+def _range_total(content_range: str) -> int | None:
+    m = re.fullmatch(r"bytes \*/(\d+)", content_range)
+    return int(m[1]) if m else None
+
+
+def read_small(url: str, cfg: Config, parse) -> object:
+    """A small whole file (listing, collinfo.json) parsed by `parse`, with retries; damage is transient remotely."""
+    def once():
+        with open_bytes(url, 0, None, cfg) as body:
+            raw = b"".join(body.chunks)
+        try:
+            return parse(raw)
+        except (OSError, EOFError, ValueError) as e:  # gzip/JSON/UTF-8 errors; a cut body over the network
+            if _is_local(url):
+                raise MissingError(f"cannot parse it: {type(e).__name__}: {e}") from e
+            raise TransientError(f"cannot parse it: {type(e).__name__}: {e}") from e
+
     for attempt in range(cfg.retries + 1):
         try:
-            return fn()
+            return once()
         except TransientError as e:
             if attempt == cfg.retries:
                 raise
-            wait = cfg.backoff_s * 2**attempt
-            log.warning("%s: %s; retry %d/%d in %.1f s", what, e, attempt + 1, cfg.retries, wait)
+            wait = backoff(attempt, cfg, e.retry_after)
+            log.warning("%s: %s; retry %d/%d in %.2f s", url, e, attempt + 1, cfg.retries, wait)
             time.sleep(wait)
 
 
-# ---- the listing ----------------------------------------------------------------------------------------------
-def read_listing(cfg: Config) -> tuple[list[str], dict[str, int]]:
-    """Valid WARC paths of the listing (sorted, unique) and how many lines were rejected, by reason."""
-    url = f"{cfg.source.rstrip('/')}/crawl-data/{cfg.crawl}/warc.paths.gz"
+# ---- crawl and listing --------------------------------------------------------------------------------------------
+def resolve_crawl(cfg: Config) -> str:
+    """`cfg.crawl`, or for "latest" the newest id in collinfo.json."""
+    if cfg.crawl != "latest":
+        return cfg.crawl
+    source = cfg.source.rstrip("/")
+    url = cfg.collinfo_url or (COLLINFO if source in OFFICIAL else f"{source}/collinfo.json")
     try:
-        raw = with_retries(lambda: b"".join(_chunks(url, cfg.timeout_s)), "listing", cfg)
-        text = gzip.decompress(raw).decode("utf-8")
-    except (OSError, TransientError, requests.RequestException, UnicodeDecodeError) as e:
+        crawls = read_small(url, cfg, json.loads)
+        newest = crawls[0]["id"]
+    except (TransientError, MissingError, CorruptError, KeyError, IndexError, TypeError) as e:
+        raise StageError(f"cannot resolve crawl=latest from {url} ({type(e).__name__}: {e}); set collinfo_url to a "
+                         f"JSON list of {{\"id\": \"CC-MAIN-...\"}}, newest first, or name the crawl") from e
+    if not isinstance(newest, str) or not re.fullmatch(r"CC-MAIN-[\w-]+", newest):
+        raise StageError(f"{url} names '{newest}' as the newest crawl, not a CC-MAIN-* id; name the crawl instead")
+    return newest
+
+
+def read_listing(cfg: Config, crawl: str | None = None) -> tuple[list[str], dict[str, int]]:
+    """Valid WARC paths of the listing (sorted, unique) and how many lines were rejected, by reason."""
+    url = f"{cfg.source.rstrip('/')}/crawl-data/{crawl or resolve_crawl(cfg)}/warc.paths.gz"
+    try:
+        text = read_small(url, cfg, lambda raw: gzip.decompress(raw).decode("utf-8"))
+    except (TransientError, MissingError, CorruptError) as e:
         raise StageError(f"cannot read the WARC listing {url} ({e}); check `source` and `crawl` "
                          f"(expected {{source}}/crawl-data/{{crawl}}/warc.paths.gz)") from e
     valid, rejected = set(), {}
@@ -139,101 +355,295 @@ def read_listing(cfg: Config) -> tuple[list[str], dict[str, int]]:
 
 
 def pick(paths: list[str], num_files: int, seed: int) -> list[str]:
-    if num_files <= 0 or num_files >= len(paths):
-        return list(paths)
-    return sorted(random.Random(seed).sample(sorted(paths), num_files))
+    """`num_files` paths chosen by `seed` (all when <= 0), sorted. The first n of one seeded shuffle, so the files
+    chosen for n are among those chosen for any larger n."""
+    order = sorted(paths)
+    random.Random(seed).shuffle(order)
+    return sorted(order if num_files <= 0 else order[:num_files])
 
 
-# ---- one file -------------------------------------------------------------------------------------------------
-def check_warc(path: Path) -> str | None:
-    """Why `path` is not a readable gzipped WARC, or None when it is.
+def how_many(cfg: Config, listed: int) -> int:
+    if cfg.fraction:
+        return max(1, round(cfg.fraction * listed))
+    return 1 if cfg.num_files is None else cfg.num_files
 
-    Two passes because each misses what the other sees: warcio stops quietly at a truncated gzip member, and
-    gzip accepts any compressed bytes, which warcio then reads as a legacy ARC record.
-    """
+
+def split(paths: list[str], workers: int) -> list[list[str]]:
+    """Round-robin shares of `paths`, one per worker (Common Crawl's files are all about the same size)."""
+    return [paths[i::workers] for i in range(min(workers, len(paths)))]
+
+
+# ---- verification while streaming ---------------------------------------------------------------------------------
+class WarcStream(io.RawIOBase):
+    """A readable stream over .warc.gz chunks: counts and sha256-hashes the compressed bytes, decompresses each gzip
+    member once (ISA-L or zlib) and hands out the WARC text of whole members only, for warcio to parse.
+
+    Handing out whole members is what lets a sample end at the last complete record, and what finds a file cut
+    short: `whole` is where the last complete member ends; bytes after it at the end are a cut member."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self.chunks = chunks
+        self.sha256 = hashlib.sha256()
+        self.size = 0  # compressed bytes seen
+        self.whole = 0  # compressed offset just after the last complete gzip member
+        self._member = inflate.decompressobj(wbits=31)  # 31: a gzip header and trailer around deflate data
+        self._pending: list[bytes] = []  # WARC text of the member in progress (one record: ~1 MB at most in CC)
+        self._ready: collections.deque[memoryview] = collections.deque()  # WARC text of whole members, in order
+        self._head = b""
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to `size` bytes of WARC text; whole members' text as it is, without copying, when it fits."""
+        while not self._ready and not self._eof:
+            self._feed(next(self.chunks, None))
+        if not self._ready:
+            return b""
+        text = self._ready.popleft()
+        if 0 <= size < len(text):
+            self._ready.appendleft(text[size:])
+            text = text[:size]
+        return text.obj if len(text) == len(text.obj) else bytes(text)
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def _feed(self, chunk: bytes | None) -> None:
+        if chunk is None:
+            self._eof = True
+            return
+        if self.size < 2:  # the first two bytes, however the chunks fall
+            self._head = (self._head + chunk)[:2]
+            if not GZIP_MAGIC.startswith(self._head):
+                raise CorruptError("not gzip (no 1f 8b magic bytes)")
+        pos = self.size  # compressed offset of `data`
+        self.sha256.update(chunk)
+        self.size += len(chunk)
+        data = chunk
+        while data:
+            try:
+                self._pending.append(self._member.decompress(data))
+            except inflate.error as e:
+                raise CorruptError(f"broken gzip at byte {pos}: {e}") from e
+            if not self._member.eof:
+                break
+            rest = self._member.unused_data
+            self.whole = pos + len(data) - len(rest)
+            self._ready.append(memoryview(b"".join(self._pending)))
+            self._pending, pos, data = [], self.whole, rest
+            self._member = inflate.decompressobj(wbits=31)
+
+
+def verify(stream: WarcStream) -> dict:
+    """Read every record of `stream` with warcio, checking its length and WARC-Block-Digest.
+
+    The block digest is hashed here rather than with warcio's check_digests, which also checks payload digests:
+    the block (HTTP headers + payload, every byte of the record) is what a broken transfer would change."""
     from warcio.archiveiterator import ArchiveIterator
 
-    with open(path, "rb") as f:
-        if f.read(2) != GZIP_MAGIC:
-            return "not gzip (no 1f 8b magic bytes)"
+    records = verified = 0
+    bad = []
     try:
-        with gzip.open(path, "rb") as g:
-            while g.read(CHUNK):
-                pass
-    except (OSError, EOFError, zlib.error) as e:
-        return f"broken gzip (truncated download?): {type(e).__name__}: {e}"[:300]
-    records = 0
+        # no_record_parse: raw_stream is the whole block, which is what WARC-Block-Digest covers
+        for record in ArchiveIterator(stream, no_record_parse=True, block_size=CHUNK):  # big reads: fewer calls
+            if record.format != "warc":
+                raise CorruptError(f"record {records} is not a WARC record (warcio sees format '{record.format}')")
+            records += 1
+            digest = record.rec_headers.get_header("WARC-Block-Digest")
+            algo, _, want = (digest or "").partition(":")
+            h = hashlib.new(algo.lower()) if algo.lower() in hashlib.algorithms_available else None
+            got = 0
+            while block := record.raw_stream.read(CHUNK):
+                got += len(block)
+                if h:
+                    h.update(block)
+            rid = record.rec_headers.get_header("WARC-Record-ID")
+            if got != record.length:
+                bad.append({"record": rid, "reason": f"block is {got} bytes, Content-Length says {record.length}"})
+            elif h and (ours := _digest_text(h.digest(), want)) != want.upper():
+                bad.append({"record": rid, "reason": f"WARC-Block-Digest {digest}, the block hashes to {ours}"})
+            elif h:
+                verified += 1
+    except (TransientError, CorruptError, MissingError, StageError):
+        raise
+    except Exception as e:  # warcio raises many types (ArchiveLoadFailed, ValueError, ...) on malformed records
+        raise CorruptError(f"warcio cannot read record {records}: {type(e).__name__}: {e}"[:300]) from e
+    if bad:
+        raise CorruptError(f"{len(bad)} record(s) fail their digest, e.g. {bad[0]['record']}", bad)
+    return {"records": records, "digests_verified": verified}
+
+
+def _digest_text(raw: bytes, like: str) -> str:
+    """`raw` in the encoding of `like`: base32 as Common Crawl writes, or hex (base16) as some tools do."""
+    return raw.hex().upper() if len(like) == 2 * len(raw) else base64.b32encode(raw).decode()
+
+
+def _file_chunks(path: Path, size: int) -> Iterator[bytes]:
     with open(path, "rb") as f:
-        try:
-            for record in ArchiveIterator(f):
-                if record.format != "warc":
-                    return f"record {records} is not a WARC record (warcio sees format '{record.format}')"
-                records += 1
-        except Exception as e:  # warcio raises many types (ArchiveLoadFailed, ValueError, ...)
-            return f"warcio cannot read it: {type(e).__name__}: {e}"[:300]
-    return None if records else "no WARC records"
+        while size > 0 and (chunk := f.read(min(CHUNK, size))):
+            size -= len(chunk)
+            yield chunk
 
 
-def fetch(rel: str, cfg: Config, warc_dir: Path) -> dict:
-    """Fetch one listing path; {'path', 'url', 'size', 'sha256', 'fetched'} or {'path', 'bad': reason}."""
+# ---- one file -------------------------------------------------------------------------------------------------------
+class Progress:
+    """Files, bytes, rate and ETA, logged every PROGRESS_EVERY_S seconds and once per finished file."""
+
+    def __init__(self, files: int):
+        self.files, self.done, self.bytes = files, 0, 0
+        self.sized, self.done_bytes = 0, 0  # finished files with bytes (not bad ones), and their bytes
+        self.t0 = self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.bytes += n
+            if time.monotonic() - self.last >= PROGRESS_EVERY_S:
+                self._log("")
+
+    def file_done(self, rel: str, size: int, what: str) -> None:
+        with self.lock:
+            self.done += 1
+            self.sized += size > 0
+            self.done_bytes += size
+            self._log(f"; {what} {rel}")
+
+    def rate(self) -> float:
+        return self.bytes / max(time.monotonic() - self.t0, 1e-9)
+
+    def _log(self, suffix: str) -> None:
+        self.last = time.monotonic()
+        rate = self.rate()
+        eta = "?"
+        if self.sized and rate > 0:  # all files at the mean size of the finished ones, less what came
+            left = self.done_bytes / self.sized * self.files - self.bytes
+            eta = f"{max(left, 0) / rate:.0f} s"
+        log.info("download: %d/%d files, %.1f MB, %.1f MB/s, ETA %s%s",
+                 self.done, self.files, self.bytes / 1e6, rate / 1e6, eta, suffix)
+
+
+def transfer(url: str, part: Path, cfg: Config, progress: Progress) -> dict:
+    """One attempt: resume `part` from its size, stream the rest in, verify the whole file. Raises on failure."""
+    end = int(cfg.sample_mb * 1e6) or None
+    start = part.stat().st_size if part.exists() else 0
+    ctx = contextlib.nullcontext(Body(iter(()), start)) if end is not None and start >= end else \
+        open_bytes(url, start, end, cfg)
+    with ctx as body, open(part, "r+b" if part.exists() else "wb") as f:
+        keep = body.offset  # bytes of the .part that stay: all of them, or none when a server ignored our Range
+        f.truncate(keep)
+        f.seek(keep)
+
+        def new_bytes() -> Iterator[bytes]:
+            for chunk in body.chunks:
+                f.write(chunk)
+                progress.add(len(chunk))
+                yield chunk
+
+        stream = WarcStream(itertools.chain(_file_chunks(part, keep), new_bytes()))
+        counts = verify(stream)
+    if stream.whole < stream.size:
+        if end is None:
+            cut = f"the gzip member at byte {stream.whole} of {stream.size} is cut short"
+            if stream.size > keep and not _is_local(url):
+                # A response can end cleanly yet early (a Content-Length that lies): ask for the rest with a
+                # Range request. A source that has no more answers 416, and then the file is truncated at the source.
+                raise TransientError(f"{cut}; asking for the rest")
+            # a local file, or a server that had nothing more (416): the source's file is cut short
+            raise CorruptError(f"truncated: {cut}", at_source=True)
+        with open(part, "r+b") as f:  # a sample: drop the member cut by the end of the range
+            f.truncate(stream.whole)
+    if not counts["records"]:
+        raise CorruptError(f"no whole WARC record in the first {cfg.sample_mb} MB; raise sample_mb"
+                           if end is not None else "no WARC records")
+    sha = stream.sha256.hexdigest() if stream.whole == stream.size else sha256_file(part)
+    return {"size": stream.whole, "sha256": sha, "resumed_from": start if keep else 0, **counts}
+
+
+def fetch(rel: str, cfg: Config, warc_dir: Path, progress: Progress) -> dict:
+    """Fetch one listing path: {'path', 'url', 'size', 'sha256', 'records', ...} or {'path', 'bad'|'transient'}."""
     url = f"{cfg.source.rstrip('/')}/{rel}"
     dest = warc_dir / rel
-    if dest.exists():  # only complete, checked files ever get the final name
-        return {"path": rel, "url": url, "size": dest.stat().st_size, "sha256": sha256_file(dest), "fetched": False}
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():  # complete and verified by an earlier run; verified again from disk for the stats
+        stream = WarcStream(_file_chunks(dest, dest.stat().st_size))
+        try:
+            counts = verify(stream)
+            progress.file_done(rel, stream.size, "already present")
+            return {"path": rel, "url": url, "size": stream.size, "sha256": stream.sha256.hexdigest(),
+                    "fetched": False, "retries": 0, "resumed_from": 0, **counts}
+        except CorruptError as e:  # damaged on disk since: fetch it again
+            log.warning("%s on disk is damaged (%s); fetching it again", rel, e)
+            dest.unlink()
     part = dest.with_name(dest.name + ".part")
-
-    def attempt() -> str:
-        h = hashlib.sha256()
-        with open(part, "wb") as f:
-            for chunk in _chunks(url, cfg.timeout_s):
-                f.write(chunk)
-                h.update(chunk)
-        return h.hexdigest()
-
-    try:
-        digest = with_retries(attempt, rel, cfg)
-    except TransientError as e:  # still failing after the retries: fatal in run(), so a re-run can resume
-        part.unlink(missing_ok=True)
-        return {"path": rel, "transient": str(e)}
-    except (OSError, requests.RequestException) as e:  # a 404 or a missing local file: the listing is wrong
-        reason = f"fetch failed: {type(e).__name__}: {e}"[:300]
-    else:
-        reason = check_warc(part)
-    if reason:
-        part.unlink(missing_ok=True)  # a bad file is not kept: stats name it, extract never sees it
-        log.warning("bad WARC %s: %s", rel, reason)
-        return {"path": rel, "bad": reason}
-    size = part.stat().st_size
-    os.replace(part, dest)
-    log.info("fetched %s (%.1f MB)", rel, size / 1e6)
-    return {"path": rel, "url": url, "size": size, "sha256": digest, "fetched": True}
+    failures, last_corrupt, attempts = 0, None, 0
+    while True:
+        attempts += 1
+        before = part.stat().st_size if part.exists() else 0
+        try:
+            result = transfer(url, part, cfg, progress)
+            break
+        except TransientError as e:
+            if part.exists() and part.stat().st_size > before:
+                failures = 0  # it made progress: only attempts that get nowhere use up the retries
+            failures += 1
+            if failures > cfg.retries:  # fatal in run(); the .part stays for the re-run to resume
+                return {"path": rel, "transient": f"{rel}: {e}"}
+            wait, what = backoff(failures - 1, cfg, e.retry_after), e
+        except CorruptError as e:
+            part.unlink(missing_ok=True)
+            failures += 1
+            # the same damage twice, or a local file (reading it again gives the same bytes): the source is bad
+            if e.at_source or str(e) == last_corrupt or failures > cfg.retries or _is_local(url):
+                log.warning("bad WARC %s: %s", rel, e)
+                progress.file_done(rel, 0, "bad")
+                return {"path": rel, "bad": str(e)[:300], "bad_records": e.bad_records[:20]}
+            last_corrupt, wait, what = str(e), backoff(failures - 1, cfg), e
+        except MissingError as e:
+            part.unlink(missing_ok=True)
+            log.warning("bad WARC %s: %s", rel, e)
+            progress.file_done(rel, 0, "bad")
+            return {"path": rel, "bad": f"fetch failed: {e}"[:300], "bad_records": []}
+        log.warning("%s: %s; retry %d/%d in %.2f s", rel, what, failures, cfg.retries, wait)
+        time.sleep(wait)
+    part.replace(dest)
+    progress.file_done(rel, result["size"], "fetched")
+    return {"path": rel, "url": url, "fetched": True, "retries": attempts - 1, **result}
 
 
 def run(cfg: Config, *inputs: Artifact, out: Artifact) -> dict:
     if inputs:
         raise StageError(f"download takes no input artifacts, got {[a.ref for a in inputs]}")
-    paths, rejected = read_listing(cfg)
-    chosen = pick(paths, cfg.num_files, cfg.seed)
-    log.info("download: %d of %d listed WARC files from %s (%d lines rejected)",
-             len(chosen), len(paths), cfg.source, sum(rejected.values()))
+    crawl = resolve_crawl(cfg)
+    paths, rejected = read_listing(cfg, crawl)
+    chosen = pick(paths, how_many(cfg, len(paths)), cfg.seed)
+    log.info("download: %d of %d listed WARC files of %s from %s (%d lines rejected)%s", len(chosen), len(paths),
+             crawl, cfg.source, sum(rejected.values()), f", first {cfg.sample_mb} MB of each" if cfg.sample_mb else "")
     warc_dir = out.path / "warc"
+    progress = Progress(len(chosen))
     with ThreadPoolExecutor(cfg.workers) as pool:
-        results = list(pool.map(lambda rel: fetch(rel, cfg, warc_dir), chosen))
+        shares = pool.map(lambda share: [fetch(rel, cfg, warc_dir, progress) for rel in share],
+                          split(chosen, cfg.workers))
+        results = sorted((r for share in shares for r in share), key=lambda r: r["path"])
     failed = [r for r in results if "transient" in r]
     if failed:
         raise StageError(f"{len(failed)} file(s) still failed after {cfg.retries} retries, e.g. "
                          f"{failed[0]['transient']}; re-run the stage: finished files are kept and skipped")
-    for stale in warc_dir.rglob("*.part"):  # left by a crashed run whose file is now complete or dropped
+    for stale in warc_dir.rglob("*.part"):  # partial files of bad files
         stale.unlink()
     good = [r for r in results if "bad" not in r]
-    bad = [{"path": r["path"], "reason": r["bad"]} for r in results if "bad" in r]
+    bad = [{"path": r["path"], "reason": r["bad"], "bad_records": r["bad_records"]} for r in results if "bad" in r]
     if not good:
         raise StageError(f"none of the {len(chosen)} chosen WARC files is readable ({bad[0]['reason']}, ...); "
                          f"check that `source` serves Common Crawl WARCs")
-    files = [{k: r[k] for k in ("path", "url", "size", "sha256")} for r in good]
-    (out.path / "files.json").write_text(json.dumps(files, indent=2))
+    keys = ("path", "url", "size", "sha256", "records", "digests_verified")
+    (out.path / "files.json").write_text(json.dumps([{k: r[k] for k in keys} for r in good], indent=2))
+    seconds = time.monotonic() - progress.t0
     return {
+        "crawl": crawl,
         "listed": len(paths),
         "rejected_lines": rejected,
         "files_requested": len(chosen),
@@ -242,6 +652,14 @@ def run(cfg: Config, *inputs: Artifact, out: Artifact) -> dict:
         "files_ok": len(good),
         "bad_files": bad,
         "bytes": sum(r["size"] for r in good),
+        "sample_mb": cfg.sample_mb,
+        "records": sum(r["records"] for r in good),
+        "digests_verified": sum(r["digests_verified"] for r in good),  # the rest carry no WARC-Block-Digest
+        "retries": sum(r["retries"] for r in good),
+        "files_resumed": sum(r["resumed_from"] > 0 for r in good),  # continued from a .part with a Range request
+        "bytes_transferred": progress.bytes,  # network bytes, retries included
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(progress.bytes / 1e6 / max(seconds, 1e-9), 2),
     }
 
 
