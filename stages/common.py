@@ -49,7 +49,15 @@ def build(stage: types.ModuleType, cfg: Any, inputs: list[Artifact], store: Arti
     staging.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     log.info("%s/%s: running in %s", stage.NAME, version, staging)
-    stats = stage.run(cfg, *inputs, out=Artifact(stage.NAME, version, staging))
+    out = Artifact(stage.NAME, version, staging)
+    # Training stages run in several processes when CRAWL2CHAT_NPROC / _HOSTFILE / _LAUNCHER ask for it; the
+    # version above never depends on that. Imported here, not at the top: launch.py imports this module.
+    from stages.lm import launch
+    settings = launch.Launch.from_env()
+    if launch.wants_launch(stage, cfg, settings):
+        stats = launch.run_stage(stage, cfg, inputs, out, settings)
+    else:
+        stats = stage.run(cfg, *inputs, out=out)
     art = store.commit(stage.NAME, version, config=config_dict(cfg), inputs=inputs,
                        code_version=stage.CODE_VERSION, stats=stats, started=started)
     return BuildResult(art, False, art.manifest()["stats"])  # as JSON, like a reused artifact's

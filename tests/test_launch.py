@@ -1,0 +1,167 @@
+"""Training stages in several processes (stages/lm/launch.py): pretrain on 2 CPU ranks with ZeRO 1 and 2.
+
+The 2-rank runs go through stages.common.build with CRAWL2CHAT_NPROC=2, so the deepspeed launcher starts two
+gloo ranks (DS_ACCELERATOR=cpu) and the parent commits. The first two steps are then recomputed in this process
+by hand, with plain PyTorch: rank 0's first loss is the fresh model's loss on rank 0's own batch, and its second
+loss is that of a model updated with the average gradient of both ranks' (disjoint) batches. So the test fails if
+a rank read the wrong data, if rank 1 did not contribute, or if ZeRO averaged or clipped wrongly.
+"""
+
+import dataclasses
+import math
+import os
+import types
+
+import pytest
+import torch
+
+from docs_fixture import real_docs, write_docs
+from stages import pretrain, tokenize_shards
+from stages import train_tokenizer as tt
+from stages.artifacts import ArtifactStore
+from stages.common import StageError, build, config_dict
+from stages.lm import launch, trainer
+from stages.lm.checkpoint import load_model
+from stages.lm.data import TokenLoader
+from stages.lm.gpt import GPT, GPTConfig
+
+# depth 1, width 32, one head of 32, a 64-token context; in 10 steps at lr 3e-3 the loss falls from about
+# ln(640) = 6.46 to about 5.9. eval_batches and samples kept small: the run is about process start-up anyway.
+CFG = pretrain.Config(depth=1, aspect_ratio=32, head_dim=32, seq_len=64, steps=10, lr=3e-3, warmup_steps=2,
+                      micro_batch_size=8, eval_batches=4, sample_prompts=("Once upon a time",), sample_tokens=4,
+                      checkpoint_every=1000, precision="fp32")
+VOCAB = 640
+WORLD = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("launch")
+    store = ArtifactStore(tmp / "store")
+    docs = write_docs(tmp / "docs", real_docs())
+    tok = build(tt, tt.Config(vocab_size=VOCAB, heldout_chars=20_000), [docs], store).artifact
+    shards = build(tokenize_shards, tokenize_shards.Config(val_fraction=0.2, shard_tokens=8192), [docs, tok],
+                   store).artifact
+    return {"store": store, "tok": tok, "shards": shards}
+
+
+@pytest.fixture
+def two_ranks(monkeypatch):
+    monkeypatch.setenv("CRAWL2CHAT_NPROC", str(WORLD))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the children's torch threads: 2 ranks on 2 shared cores
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CRAWL2CHAT_HOSTFILE", "CRAWL2CHAT_LAUNCHER"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def first_two_losses(cfg: pretrain.Config, shards, vocab_size: int) -> tuple[float, float]:
+    """Rank 0's loss at steps 1 and 2 of a WORLD-rank data-parallel run, recomputed in one process."""
+    torch.manual_seed(cfg.seed)  # as pretrain.run: the same initial weights on every rank
+    model = GPT(GPTConfig.from_depth(cfg.depth, vocab_size, cfg.seq_len, cfg.aspect_ratio, cfg.head_dim,
+                                     cfg.kv_ratio))
+    loaders = [TokenLoader(shards.path, "train", cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed, rank=r,
+                           world_size=WORLD) for r in range(WORLD)]
+    batches = [next(loader) for loader in loaders]
+    assert not any(torch.equal(batches[0][0][i], batches[1][0][j])
+                   for i in range(cfg.micro_batch_size) for j in range(cfg.micro_batch_size))  # disjoint windows
+    losses = [model(x, y) for x, y in batches]
+    # DeepSpeed all-reduces the mean of the ranks' gradients: the gradient of the mean loss
+    torch.stack(losses).mean().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}],
+                            lr=trainer.lr_at(0, cfg.steps, cfg), betas=cfg.betas)
+    opt.step()
+    with torch.no_grad():
+        second = model(*next(loaders[0]))
+    return losses[0].item(), second.item()
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_pretrain_on_two_ranks(world, two_ranks, zero_stage):
+    cfg = dataclasses.replace(CFG, zero_stage=zero_stage)
+    res = build(pretrain, cfg, [world["shards"], world["tok"]], world["store"])
+    s = res.stats
+    assert not res.reused and s["world_size"] == WORLD
+    assert s["tokens_trained"] == cfg.steps * cfg.micro_batch_size * cfg.seq_len * WORLD
+    losses = [h["loss"] for h in s["curve"]]
+    assert len(losses) == cfg.steps and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.3, losses  # 6.48 -> 5.90 measured
+    expected = first_two_losses(cfg, world["shards"], VOCAB)
+    assert losses[:2] == pytest.approx(expected, abs=1e-4), (losses[:2], expected)
+    model, meta, _ = load_model(res.artifact.path)  # rank 0 wrote the weights; the launch files are gone
+    assert meta["val_loss"] == s["val_loss"] and model.cfg.n_layer == 1
+    assert not launch.launch_dir(res.artifact).exists() and not (res.artifact.path / "checkpoints").exists()
+
+
+def test_rank_count_does_not_change_the_version(world, two_ranks, monkeypatch):
+    """An artifact made by 2 ranks is the same recipe as a 1-rank one: reused, not rebuilt."""
+    first = build(pretrain, dataclasses.replace(CFG, zero_stage=1), [world["shards"], world["tok"]], world["store"])
+    monkeypatch.delenv("CRAWL2CHAT_NPROC")
+    again = build(pretrain, dataclasses.replace(CFG, zero_stage=1), [world["shards"], world["tok"]], world["store"])
+    assert again.reused and again.artifact.version == first.artifact.version
+
+
+def test_failed_ranks_commit_nothing(world, two_ranks):
+    """A stage error inside the ranks reaches the caller as a StageError, and nothing is committed."""
+    before = world["store"].versions("pretrain")
+    with pytest.raises(StageError, match="launched ranks failed"):  # the ranks find no index.json in a tokenizer
+        build(pretrain, CFG, [world["tok"], world["tok"]], world["store"])
+    assert world["store"].versions("pretrain") == before
+
+
+def test_settings_from_environment(tmp_path):
+    assert not launch.Launch.from_env({}).distributed
+    assert launch.Launch.from_env({"CRAWL2CHAT_NPROC": "4"}).nproc == 4
+    with pytest.raises(StageError, match="whole number"):
+        launch.Launch.from_env({"CRAWL2CHAT_NPROC": "two"})
+    with pytest.raises(StageError, match="hostfile.example"):
+        launch.Launch.from_env({"CRAWL2CHAT_HOSTFILE": str(tmp_path / "missing")})
+    with pytest.raises(StageError, match="one of deepspeed, srun"):
+        launch.Launch.from_env({"CRAWL2CHAT_LAUNCHER": "mpirun"})
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=8\nnode-b slots=8\n")
+    settings = launch.Launch.from_env({"CRAWL2CHAT_HOSTFILE": str(hostfile), "CRAWL2CHAT_MASTER_ADDR": "10.0.0.1"})
+    cmd, env = launch.launcher_command(settings, tmp_path / "job.json")
+    assert settings.distributed and env == {}
+    assert cmd[cmd.index("--hostfile") + 1] == str(hostfile) and "--num_gpus" not in cmd  # every slot
+    assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.1" and cmd[cmd.index("--master_port") + 1] == "29500"
+    assert cmd[-2:] == ["stages.lm.launch", str(tmp_path / "job.json")]
+
+
+def test_slurm_task_becomes_a_rank(monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
+    launch._env_from_slurm()
+    assert [os.environ[v] for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")] == ["5", "1", "8", "4"]
+
+
+def test_config_survives_the_job_file():
+    """Tuples come back as tuples, so the child plans the parent's version (child_main checks it)."""
+    cfg = dataclasses.replace(CFG, betas=(0.8, 0.9), sample_prompts=("a", "b"))
+    again = launch.config_from_dict(pretrain.Config, config_dict(cfg))
+    assert again == cfg and isinstance(again.sample_prompts, tuple)
+
+
+def test_ranks_import_the_stage_by_its_module_name():
+    """Under `python -m stages.pretrain` the stage module is __main__; the ranks must import stages.pretrain."""
+    as_main = types.ModuleType("__main__")
+    as_main.__spec__ = pretrain.__spec__
+    assert launch.importable_name(as_main) == launch.importable_name(pretrain) == "stages.pretrain"
+    script = types.ModuleType("__main__")
+    script.__file__, script.NAME = "stages/pretrain.py", "pretrain"
+    with pytest.raises(StageError, match="python -m stages.pretrain"):
+        launch.importable_name(script)
