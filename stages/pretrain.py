@@ -6,7 +6,9 @@
 Inputs: token shards (tokenize_shards) and the tokenizer they were made with (train_tokenizer); the shards'
 recorded tokenizer hash must match. One dial, `depth`, sizes the model (stages/lm/gpt.py); `steps=0` derives
 the step count from a Chinchilla budget of `tokens_per_param` tokens per parameter. A crash resumes from the
-newest checkpoint in the staging directory. Reports val loss, bits per byte (tokenizer-independent), the
+newest checkpoint in the staging directory and repeats the uninterrupted run's losses exactly. The artifact keeps
+`metrics.jsonl` (every step's loss, lr, grad norm, tokens/s, MFU on a known GPU) and TensorBoard events
+(`tensorboard --logdir <artifact>/tensorboard`). Reports val loss, bits per byte (tokenizer-independent), the
 unigram entropy of the same val tokens (what a model that only learned token frequencies would score), and
 samples from fixed prompts.
 """
@@ -14,6 +16,7 @@ samples from fixed prompts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import shutil
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 
 from stages.artifacts import Artifact, sha256_file
-from stages.common import StageError, main
+from stages.common import main
 from stages.lm import trainer
 from stages.lm.chat import ChatTokenizer
 from stages.lm.checkpoint import save_model
@@ -34,10 +37,22 @@ from stages.lm.engine import generate
 from stages.lm.gpt import GPT, GPTConfig
 
 NAME = "pretrain"
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: metrics.jsonl + tensorboard/ in the artifact, lr schedules, exact resume
 
-# bf16 dense peak FLOP/s used for MFU, by device name substring (vendor data sheets)
+log = logging.getLogger("crawl2chat")
+
+# bf16 dense peak FLOP/s per device used for MFU, by device name substring (NVIDIA data sheets: H100 SXM
+# 989 TFLOP/s; H200 is the same GH100 compute with more memory; A100 312 TFLOP/s). The PCIe H100 is slower
+# (756 TFLOP/s), so its MFU reads low by that ratio.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops() -> float | None:
+    """This device's bf16 peak FLOP/s, or None off a GPU or on one not in PEAK_FLOPS."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,7 @@ class Config(trainer.TrainConfig):
     eval_batches: int = 50        # val batches of micro_batch_size sequences for the final val loss
     sample_prompts: tuple[str, ...] = ("The capital of France is", "Once upon a time", "In this article we")
     sample_tokens: int = 32
+    compile: bool = False         # torch.compile the model for training (CUDA only, see run())
 
     def __post_init__(self):
         super().__post_init__()
@@ -114,7 +130,13 @@ def run(cfg: Config, shards: Artifact, tokenizer: Artifact, *, out: Artifact) ->
     world = int(os.environ.get("WORLD_SIZE", 1))
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.seq_len * world
     total = cfg.steps or max(1, int(cfg.tokens_per_param * model.num_params() / tokens_per_step))
-    engine = trainer.make_engine(model, tcfg)
+    engine = trainer.make_engine(model, tcfg, log_dir=out.path / "tensorboard", job_name=NAME)
+    if cfg.compile and torch.cuda.is_available():
+        engine.compile()  # compiles engine.module in place (nn.Module.compile), so DeepSpeed's hooks still run
+    elif cfg.compile:
+        # Inductor on CPU needs a C++ toolchain and spends tens of seconds compiling, more than a whole CPU
+        # smoke run takes; the CPU path exists to test the pipeline, not to be fast.
+        log.info("compile=true ignored: torch.compile is applied on CUDA only, this run is on CPU")
     rank = int(os.environ.get("RANK", 0))
     loader = TokenLoader(shards.path, "train", cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed,
                          rank=rank, world_size=world, device=engine.device)
@@ -124,19 +146,23 @@ def run(cfg: Config, shards: Artifact, tokenizer: Artifact, *, out: Artifact) ->
         return eng(x, y)
 
     t0 = time.perf_counter()
-    history = trainer.fit(engine, tcfg, total, loader, loss_fn, out.path / "checkpoints", tokens_per_step)
+    peak = peak_flops()
+    history = trainer.fit(engine, tcfg, total, loader, loss_fn, out.path / "checkpoints", tokens_per_step,
+                          flops_per_token=model.flops_per_token(), peak_flops=peak * world if peak else None)
     elapsed = time.perf_counter() - t0
     model = engine.module
-    ev = evaluate_lm(model, shards.path, cfg.seq_len, cfg.micro_batch_size, cfg.eval_batches, token_bytes(tok))
-    samples = {}
-    model.eval()
-    for prompt in cfg.sample_prompts:
-        ids = generate(model, [tok.bos] + tok.encode(prompt), max_new_tokens=cfg.sample_tokens, temperature=0,
-                       stop_ids=(tok.eos,))[0]
-        samples[prompt] = tok.decode(ids)
+    # evaluation and sampling run eager: their shapes (eval batches, one token at a time with a KV cache)
+    # would each cost a recompile of the compiled training forward
+    with torch.compiler.set_stance("force_eager"):
+        ev = evaluate_lm(model, shards.path, cfg.seq_len, cfg.micro_batch_size, cfg.eval_batches,
+                         token_bytes(tok))
+        samples = {}
+        model.eval()
+        for prompt in cfg.sample_prompts:
+            ids = generate(model, [tok.bos] + tok.encode(prompt), max_new_tokens=cfg.sample_tokens,
+                           temperature=0, stop_ids=(tok.eos,))[0]
+            samples[prompt] = tok.decode(ids)
     mean_tps = float(np.mean([h["tokens_per_s"] for h in history[-20:]])) if history else 0.0
-    peak = next((v for k, v in PEAK_FLOPS.items()
-                 if torch.cuda.is_available() and k in torch.cuda.get_device_name()), None)
     stats = {
         "params": model.num_params(),
         "model": model_cfg.to_dict(),
@@ -146,16 +172,18 @@ def run(cfg: Config, shards: Artifact, tokenizer: Artifact, *, out: Artifact) ->
         **ev,
         "learned_beyond_unigram": ev["val_loss"] < ev["unigram_entropy"],
         "tokens_per_s": mean_tps,
-        "mfu": mean_tps * model.flops_per_token() / peak if peak else None,
+        "mfu": mean_tps * model.flops_per_token() / (peak * world) if peak else None,
         "train_seconds": elapsed,
         "curve": trainer.thin(history),
         "samples": samples,
         "tokenizer_sha256": index.tokenizer_sha256,
     }
-    if rank == 0:
-        save_model(model, out.path, tok_file, {"stage": NAME, "tokenizer_sha256": index.tokenizer_sha256,
-                                                "val_loss": ev["val_loss"]})
-        shutil.rmtree(out.path / "checkpoints", ignore_errors=True)  # the weights above are the result
+    with trainer.whole_params(model):  # ZeRO-3 holds shards; every rank gathers, rank 0 writes
+        if rank == 0:
+            save_model(model, out.path, tok_file, {"stage": NAME, "tokenizer_sha256": index.tokenizer_sha256,
+                                                    "val_loss": ev["val_loss"]})
+    if rank == 0:  # the weights above are the result; metrics.jsonl and tensorboard/ stay as the loss curve
+        shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
     return stats
 
 

@@ -4,14 +4,22 @@ The model code (gpt.py) knows nothing of DeepSpeed; this file turns a stage's `T
 config (never a hand-kept JSON), builds the engine, sets the learning rate each step, and saves and resumes
 checkpoints. One process is started in-process (world size 1, gloo on CPU via DS_ACCELERATOR=cpu); several
 GPUs or nodes come from the `deepspeed` launcher, which sets RANK/WORLD_SIZE/MASTER_ADDR for us.
+
+Resume is exact: a checkpoint holds the engine (weights, optimizer moments, ZeRO partitions), the loader's
+position and the torch RNG, so the steps after a resume repeat an uninterrupted run's losses bit for bit. Every
+step's metrics are appended to `metrics.jsonl` next to the checkpoints (the loss curve; a resume cuts it back
+to the checkpoint's step) and, when a log directory is given, to TensorBoard through DeepSpeed's monitor.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import pickle
 import shutil
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -23,6 +31,12 @@ if not torch.cuda.is_available():  # must happen before DeepSpeed picks its acce
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
+
+from stages.common import StageError  # noqa: E402
 
 log = logging.getLogger("crawl2chat")
 
@@ -35,7 +49,9 @@ class TrainConfig:
     micro_batch_size: int = 8       # sequences per device per forward pass
     grad_accum: int = 1             # micro-batches per optimizer step
     lr: float = 3e-4                # peak learning rate (AdamW)
-    min_lr_frac: float = 0.1        # cosine decays to lr * min_lr_frac
+    schedule: str = "cosine"        # after warm-up: "cosine" decay, or "wsd" (warmup-stable-decay, see lr_at)
+    min_lr_frac: float = 0.1        # the schedule ends at lr * min_lr_frac
+    decay_frac: float = 0.2         # wsd: the last 20% of steps decay linearly (MiniCPM, nanochat's warmdown)
     warmup_steps: int = 50
     weight_decay: float = 0.1       # on matrices only, not on norms or embeddings
     betas: tuple[float, float] = (0.9, 0.95)
@@ -45,10 +61,17 @@ class TrainConfig:
     seed: int = 1337
     checkpoint_every: int = 200     # optimizer steps between resumable checkpoints
     keep_checkpoints: int = 2
+    tensorboard: bool = True        # loss/lr/grad_norm events under <out>/tensorboard (when a stage passes a dir)
 
     def __post_init__(self):
         if self.steps < 0 or self.micro_batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps must be >= 0, micro_batch_size and grad_accum at least 1")
+        if self.warmup_steps < 0 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("warmup_steps must be >= 0, checkpoint_every and keep_checkpoints at least 1")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"schedule must be cosine or wsd, not {self.schedule!r}")
+        if not 0 <= self.decay_frac <= 1 or not 0 <= self.min_lr_frac <= 1:
+            raise ValueError("decay_frac and min_lr_frac must be between 0 and 1")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, not {self.zero_stage}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -61,8 +84,9 @@ def use_bf16(cfg: TrainConfig) -> bool:
     return cfg.precision == "bf16"
 
 
-def ds_config(cfg: TrainConfig) -> dict:
-    return {
+def ds_config(cfg: TrainConfig, log_dir: Path | None = None, job_name: str = "train") -> dict:
+    """The DeepSpeed config, generated from cfg (never a hand-kept JSON). log_dir: TensorBoard's root."""
+    config = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
@@ -71,6 +95,10 @@ def ds_config(cfg: TrainConfig) -> dict:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if log_dir is not None and cfg.tensorboard:
+        # events land in log_dir/job_name (rank 0 only); needs the `tensorboard` package
+        config["tensorboard"] = {"enabled": True, "output_path": str(log_dir), "job_name": job_name}
+    return config
 
 
 def _init_single_process_env() -> None:
@@ -89,8 +117,36 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def make_engine(model: torch.nn.Module, cfg: TrainConfig, params=None):
-    """A DeepSpeed engine around model with AdamW (weight decay on matrices, not on norm gains)."""
+# Objects besides tensors and plain containers that DeepSpeed pickles into its checkpoints (found by loading
+# ZeRO 0-3 checkpoints with weights_only=True): its loss scalers (kept in ZeRO 1-2 optimizer state even in
+# fp32), the ZeRO stage enum and the fragment_address dataclass of its parameter-slice maps. Each is rebuilt
+# from plain fields; none runs code when unpickled.
+SAFE_CHECKPOINT_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch.save/torch.load checkpoint engine, loading with weights_only=True.
+
+    DeepSpeed 0.19's TorchCheckpointEngine loads with torch.load(weights_only=False): a swapped-in checkpoint
+    file could run any code on resume. Every file of engine.load_checkpoint (model states, ZeRO optimizer
+    partitions) goes through the engine's checkpoint_engine.load, so replacing that one method makes all of
+    them safe, and DeepSpeed keeps doing what it does well: ZeRO 0-3 partitioned save/load, `latest` tags,
+    elastic and universal checkpoints. (Our own safetensors + torch.save(optimizer) format would cover ZeRO 0
+    only; ZeRO 1-3 optimizer state is partitioned per rank in DeepSpeed's own layout.) The final weights of a
+    stage are safetensors (stages/lm/checkpoint.py); these .pt files only live in staging during training.
+    """
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def make_engine(model: torch.nn.Module, cfg: TrainConfig, params=None, log_dir: Path | None = None,
+                job_name: str = "train"):
+    """A DeepSpeed engine around model with AdamW (weight decay on matrices, not on norm gains).
+
+    log_dir: enables DeepSpeed's TensorBoard monitor writing under log_dir/job_name.
+    """
     _init_single_process_env()
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -99,14 +155,34 @@ def make_engine(model: torch.nn.Module, cfg: TrainConfig, params=None):
               {"params": [p for p in params if id(p) not in decay_ids], "weight_decay": 0.0}]
     # torch's AdamW rather than DeepSpeed's FusedAdam: same maths, fused on GPU, and no C++ build on CPU.
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=torch.cuda.is_available())
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, log_dir, job_name))
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise StageError(f"DeepSpeed chose {type(engine.checkpoint_engine).__name__} for checkpoints; only its "
+                         f"TorchCheckpointEngine is made weights_only-safe here: remove checkpoint engine "
+                         f"settings (nebula, datastates, fast/decoupled writers) from the DeepSpeed config")
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
     return engine
 
 
+def whole_params(model: torch.nn.Module):
+    """A context in which every parameter is whole: ZeRO-3 gathers each rank's 1/world shards (a collective,
+    so every rank must enter it); for ZeRO 0-2 it does nothing."""
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_frac at step `total`."""
+    """Learning rate of the 0-based optimizer `step` of `total`: linear warm-up over warmup_steps, then
+    cosine: cosine decay from lr to lr * min_lr_frac at step `total`;
+    wsd (warmup-stable-decay, MiniCPM 2024 / nanochat): lr held constant, then over the last
+    round(decay_frac * total) steps a linear decay to lr * min_lr_frac at step `total`."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        decay_steps = round(cfg.decay_frac * total)
+        if step < total - decay_steps:
+            return cfg.lr
+        remaining = max(0, total - step) / max(1, decay_steps)  # 1 at the decay's start, 0 at `total`
+        return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * remaining)
     progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
@@ -149,8 +225,25 @@ def thin(history: list[dict], points: int = 100) -> list[dict]:
     return kept if kept[-1] is history[-1] else kept + history[-1:]
 
 
+def rng_state() -> dict:
+    """torch's CPU and (when present) CUDA generator states: plain uint8 tensors, weights_only-loadable."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int) -> None:
-    """Engine, optimizer and our client state (loader position, RNG) at `step`; keeps the newest `keep`."""
+    """Engine, optimizer and our client state (loader position, RNG) at `step`; keeps the newest `keep`.
+
+    DeepSpeed writes the `latest` file after all of a tag's files, so a crash mid-save resumes from the
+    previous tag."""
     engine.save_checkpoint(str(ckpt_dir), tag=f"step_{step:07d}", client_state={"step": step, **client_state})
     tags = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
     for old in tags[:-keep]:
@@ -161,35 +254,80 @@ def resume(engine, ckpt_dir: Path) -> tuple[int, dict]:
     """(step, client_state) from the newest checkpoint, or (0, {}) when there is none."""
     if not (ckpt_dir / "latest").exists():
         return 0, {}
-    path, client_state = engine.load_checkpoint(str(ckpt_dir))
+    try:
+        path, client_state = engine.load_checkpoint(str(ckpt_dir))
+    except pickle.UnpicklingError as e:  # weights_only refused a global: the file is not what we wrote
+        raise StageError(f"a checkpoint in {ckpt_dir} holds objects other than tensors and plain data, so it was "
+                         f"refused rather than unpickled ({str(e).splitlines()[-1].strip()}). Delete {ckpt_dir} "
+                         f"to train from scratch, or restore the checkpoint from a trusted copy") from None
     if path is None:
         return 0, {}
     log.info("resumed from %s at step %d", path, client_state["step"])
     return client_state["step"], client_state
 
 
+def read_metrics(path: Path, upto: int) -> list[dict]:
+    """The metrics.jsonl entries of steps 1..upto (a crashed run may have logged steps past its checkpoint)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= upto]
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)  # atomic: a crash here leaves the old or the new file, never half of one
+
+
+# Test hook: SIGKILL this process right after the optimizer step whose number the variable holds (metrics and
+# any checkpoint of that step written). A hard kill, like a preempted node: no exception, no clean-up, no flush.
+KILL_ENV = "CRAWL2CHAT_SIGKILL_AFTER_STEP"
+
+
 def fit(engine, cfg: TrainConfig, total: int, loader, loss_fn, ckpt_dir: Path, tokens_per_step: int = 0,
-        log_every: int = 10) -> list[dict]:
+        log_every: int = 10, flops_per_token: float = 0.0, peak_flops: float | None = None) -> list[dict]:
     """Train to `total` optimizer steps, resuming from the newest checkpoint in ckpt_dir if there is one.
 
     loader: an iterator of micro-batches with state_dict()/load_state_dict(), so a resumed run sees exactly
-    the batches an uninterrupted one would. Returns the per-step metrics of the whole run (resumed ones too).
+    the batches an uninterrupted one would. Every step's metrics are appended to ckpt_dir.parent/metrics.jsonl
+    (rank 0). tokens_per_step counts all ranks; with flops_per_token and peak_flops (all ranks' peak FLOP/s
+    together) each step also reports its model FLOPs utilisation. Returns the per-step metrics of the whole
+    run (resumed ones too).
     """
+    rank = int(os.environ.get("RANK", 0))
     step, state = resume(engine, ckpt_dir)
-    history: list[dict] = list(state.get("history", []))
     if state:
         loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"])
-    while step < total:
-        t0 = time.perf_counter()
-        metrics = train_step(engine, [next(loader) for _ in range(cfg.grad_accum)], loss_fn, cfg, step, total)
-        step = metrics["step"]
-        metrics["tokens_per_s"] = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-        history.append(metrics)
-        if step % log_every == 0 or step == total:
-            log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tok/s", step, total, metrics["loss"],
-                     metrics["grad_norm"], metrics["lr"], metrics["tokens_per_s"])
-        if step % cfg.checkpoint_every == 0 and step < total:
-            save_checkpoint(engine, ckpt_dir, step, {"loader": loader.state_dict(), "rng": torch.get_rng_state(),
-                                                     "history": history}, cfg.keep_checkpoints)
+        set_rng_state(state["rng"])
+    metrics_path = ckpt_dir.parent / "metrics.jsonl"
+    history = read_metrics(metrics_path, upto=step)
+    kill_after = int(os.environ.get(KILL_ENV, -1))
+    if rank == 0:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_metrics(metrics_path, history)
+    with open(metrics_path, "a") if rank == 0 else open(os.devnull, "w") as metrics_file:
+        while step < total:
+            t0 = time.perf_counter()
+            metrics = train_step(engine, [next(loader) for _ in range(cfg.grad_accum)], loss_fn, cfg, step, total)
+            step = metrics["step"]
+            metrics["tokens_per_s"] = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+            if flops_per_token and peak_flops:
+                metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / peak_flops
+            history.append(metrics)
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()  # to the OS: a killed process loses nothing it logged
+            if engine.monitor.enabled:  # TensorBoard through DeepSpeed's monitor (rank 0 writes)
+                engine.monitor.write_events([(f"Train/{k}", metrics[k], step)
+                                             for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+                                             if k in metrics])
+            if step % log_every == 0 or step == total:
+                log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tok/s%s", step, total, metrics["loss"],
+                         metrics["grad_norm"], metrics["lr"], metrics["tokens_per_s"],
+                         f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "")
+            if step % cfg.checkpoint_every == 0 and step < total:
+                save_checkpoint(engine, ckpt_dir, step, {"loader": loader.state_dict(), "rng": rng_state()},
+                                cfg.keep_checkpoints)
+            if step == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
     return history
