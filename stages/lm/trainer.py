@@ -53,7 +53,7 @@ class TrainConfig:
     min_lr_frac: float = 0.1        # the schedule ends at lr * min_lr_frac
     decay_frac: float = 0.2         # wsd: the last 20% of steps decay linearly (MiniCPM, nanochat's warmdown)
     warmup_steps: int = 50
-    weight_decay: float = 0.1       # on matrices only, not on norms or embeddings
+    weight_decay: float = 0.1       # on weight matrices (embeddings too), not on norm gains or biases
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     zero_stage: int = 0             # DeepSpeed ZeRO 0-3; 1-2 shard optimizer state/grads across ranks
