@@ -51,6 +51,10 @@ def test_index_load_and_stream(shards):
     assert stream.n_tokens == len(tokens) == index.totals("train")["tokens"]
     edge = int(stream.starts[1])
     assert np.array_equal(stream.read(edge - 5, 10), tokens[edge - 5:edge + 5])  # across a shard boundary
+    starts = np.array([0, edge - 5, edge, 7, len(tokens) - 11])  # in a shard, across a boundary, at the end
+    rows = stream.windows(starts, 11)
+    assert rows.dtype == np.int64 and rows.shape == (5, 11)
+    assert all(np.array_equal(row, tokens[s:s + 11]) for row, s in zip(rows, starts))
 
 
 def test_batches_are_shifted_windows(shards):

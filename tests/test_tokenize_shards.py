@@ -1,4 +1,5 @@
-"""tokenize_shards: flat uint16 shards that decode back to the documents, a stable train/val split, index.json."""
+"""tokenize_shards: flat uint16 shards that decode back to the documents, a stable train/val split, index.json,
+the same bytes for any number of workers, and a resumed run that encodes only the unfinished work units."""
 
 import json
 
@@ -18,7 +19,14 @@ EXTRA = [{"id": "marker", "text": "web text that says <|user|> and <|end|> liter
 def shard(tmp, docs, tok, **cfg):
     out = Artifact(ts.NAME, "test", tmp)
     tmp.mkdir(parents=True, exist_ok=True)
-    return out, ts.run(ts.Config(**{"val_fraction": 0.1, "shard_tokens": 8192, **cfg}), docs, tok, out=out)
+    # one worker unless a test asks for more: encoding in-process skips the pool's start-up (~1 s per worker)
+    return out, ts.run(ts.Config(**{"val_fraction": 0.1, "shard_tokens": 8192, "workers": 1, **cfg}), docs, tok,
+                       out=out)
+
+
+def contents(path):
+    """Every file under path -> its bytes."""
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +115,46 @@ def test_bad_inputs(built, tmp_path):
         shard(tmp_path / "s", docs, docs)
     with pytest.raises(ValueError, match="val_fraction"):
         ts.Config(val_fraction=0.0)
+    with pytest.raises(ValueError, match="workers"):
+        ts.Config(workers=-1)
+
+
+def test_output_is_the_same_for_any_number_of_workers(built, tmp_path):
+    _, tok, *_ = built
+    docs = write_docs(tmp_path / "docs", real_docs() + EXTRA, n_files=5)  # 5 row groups = 5 work units
+    _, one = shard(tmp_path / "one", docs, tok, workers=1)
+    _, two = shard(tmp_path / "two", docs, tok, workers=2)
+    assert one == two and one["work_units"] == 5
+    assert contents(tmp_path / "one") == contents(tmp_path / "two")
+    assert "work" not in {p.name for p in (tmp_path / "two").iterdir()}  # scratch space is removed
+
+
+def test_a_crashed_run_resumes_with_the_unfinished_units(built, tmp_path, monkeypatch):
+    _, tok, *_ = built
+    docs = write_docs(tmp_path / "docs", real_docs() + EXTRA, n_files=5)
+    encode, encoded = ts._encode_unit, []
+
+    def crash_after_two(job):
+        if len(encoded) == 2:
+            raise RuntimeError("simulated crash")
+        encode(job)
+        encoded.append(job[0])
+
+    monkeypatch.setattr(ts, "_encode_unit", crash_after_two)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        shard(tmp_path / "s", docs, tok)
+    assert sorted(p.name for p in (tmp_path / "s" / "work").iterdir()) == ["00000.npz", "00001.npz"]
+    (tmp_path / "s" / "shards").mkdir()  # as a crash during the merge would leave it
+    (tmp_path / "s" / "shards" / "train_00042.arrow").write_bytes(b"partial merge of the crashed run")
+
+    def count(job):
+        encode(job)
+        encoded.append(job[0])
+
+    encoded.clear()
+    monkeypatch.setattr(ts, "_encode_unit", count)
+    _, resumed = shard(tmp_path / "s", docs, tok)
+    assert encoded == [2, 3, 4]  # only the units the crash left unfinished
+    _, clean = shard(tmp_path / "clean", docs, tok)
+    assert resumed == clean
+    assert contents(tmp_path / "s") == contents(tmp_path / "clean")

@@ -129,6 +129,22 @@ class TokenStream:
             shard += 1
         return out
 
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """rows[i] = tokens[starts[i]:starts[i]+length] as int64, shape (len(starts), length). One shard lookup
+        for all rows, then one slice copy (uint16 -> int64) per row; only rows that cross a shard boundary
+        (about length/shard_tokens of them) go through read()."""
+        out = np.empty((len(starts), length), dtype=np.int64)
+        shards = np.searchsorted(self.starts, starts, side="right") - 1
+        offsets = starts - self.starts[shards]
+        # Python ints from here: a loop over numpy scalars costs several times more per row
+        for i, (shard, offset) in enumerate(zip(shards.tolist(), offsets.tolist())):
+            a = self.arrays[shard]
+            if offset + length <= len(a):
+                out[i] = a[offset:offset + length]
+            else:
+                out[i] = self.read(int(starts[i]), length)
+        return out
+
 
 def _to_batch(rows: np.ndarray, device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.from_numpy(rows)  # (B, T+1)
@@ -178,8 +194,7 @@ class TokenLoader:
             self.epoch, self.position = self.epoch + 1, 0
         mine = self.order()[self.position + self.rank:self.position + self.step_windows:self.world_size]
         self.position += self.step_windows
-        T = self.seq_len
-        rows = np.stack([self.stream.read(int(w) * T, T + 1) for w in mine])  # (B, T+1)
+        rows = self.stream.windows(mine.astype(np.int64) * self.seq_len, self.seq_len + 1)  # (B, T+1)
         return _to_batch(rows, self.device)
 
     def state_dict(self) -> dict:
@@ -203,5 +218,5 @@ def eval_batches(path: str | Path | ShardIndex, seq_len: int, batch_size: int, s
     for i, start in enumerate(range(0, per_rank, batch_size)):
         if max_batches is not None and i >= max_batches:
             return
-        rows = np.stack([stream.read(int(w) * seq_len, seq_len + 1) for w in windows[start:start + batch_size]])
+        rows = stream.windows(windows[start:start + batch_size] * seq_len, seq_len + 1)  # (B, T+1)
         yield _to_batch(rows, device)
