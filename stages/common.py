@@ -39,9 +39,21 @@ def config_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def runtime(default: Any) -> Any:
+    """A Config field that only says how to run (processes, threads), not what to make: it is recorded in the
+    manifest but left out of the version, so the same recipe on a bigger machine reuses the same artifact."""
+    return dataclasses.field(default=default, metadata={"runtime": True})
+
+
+def recipe_dict(cfg: Any) -> dict:
+    """The config as it enters the version: every field but the runtime() ones."""
+    return {k: v for k, v in config_dict(cfg).items()
+            if not next(f for f in dataclasses.fields(cfg) if f.name == k).metadata.get("runtime")}
+
+
 def build(stage: types.ModuleType, cfg: Any, inputs: list[Artifact], store: ArtifactStore) -> BuildResult:
     """Plan -> reuse if committed -> run in staging -> commit. Re-running a crashed build resumes in staging."""
-    version = plan_version(stage.NAME, stage.CODE_VERSION, config_dict(cfg), inputs)
+    version = plan_version(stage.NAME, stage.CODE_VERSION, recipe_dict(cfg), inputs)
     if store.is_committed(stage.NAME, version):
         art = store.get(stage.NAME, version)
         return BuildResult(art, True, art.manifest()["stats"])

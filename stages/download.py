@@ -64,7 +64,7 @@ except ImportError:  # optional: `pip install isal`; zlib gives the same bytes, 
     inflate = zlib
 
 from stages.artifacts import Artifact, sha256_file
-from stages.common import StageError, main
+from stages.common import StageError, main, runtime
 
 NAME = "download"
 CODE_VERSION = 2  # 2: shuffled (nested) selection, digest-verified records, counts in files.json
@@ -97,7 +97,7 @@ class Config:
     timeout_s: float = 60.0  # seconds to connect, and the longest wait for the next bytes of a response
     # files fetched at once (threads): the concurrency limit. data.commoncrawl.org (S3 behind CloudFront) answers
     # 503 SlowDown when a client asks too fast; a few connections, with backoff, is the polite maximum.
-    workers: int = 4
+    workers: int = runtime(4)
 
     def __post_init__(self):
         if not self.source:

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 import sentencepiece as spm
 
 from stages.artifacts import Artifact
-from stages.common import StageError, main
+from stages.common import StageError, main, runtime
 from stages.lm.chat import marker_escapes
 from stages.train_tokenizer import doc_files, hash_unit, load_tokenizer
 
@@ -70,10 +70,9 @@ class Config:
     # to write from memory and to move one at a time.
     shard_tokens: int = 2**26
     encode_batch_docs: int = 1024  # documents per SentencePiece encode call (bounds the Python lists in memory)
-    # Encoding processes; 0 = one per CPU core this process may use. The default stays 0 rather than the count
-    # itself so that the artifact version (a hash of this config) is the same on every machine. The output does
-    # not depend on it, but a value set here still changes the version, like any config field.
-    workers: int = 0
+    # Encoding processes; 0 = one per CPU core this process may use. The output does not depend on it, and as a
+    # runtime() field it stays out of the artifact's version.
+    workers: int = runtime(0)
 
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 1.0:

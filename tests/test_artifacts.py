@@ -512,3 +512,15 @@ def test_parse_assignment_ok():
     assert parse_assignment(" pretrain.depth = 4 ") == ("pretrain.depth", "4")
     assert parse_assignment("x=a=b") == ("x", "a=b")
     assert parse_assignment("x=") == ("x", "")
+
+
+def test_runtime_fields_stay_out_of_the_version():
+    """Process counts say how to run, not what to make: changing them reuses the artifact."""
+    from stages import download, tokenize_shards
+    from stages.artifacts import plan_version
+    from stages.common import recipe_dict
+
+    for stage, field in ((download, "workers"), (tokenize_shards, "workers")):
+        a, b = stage.Config(), dataclasses.replace(stage.Config(), **{field: 7})
+        assert plan_version(stage.NAME, 1, recipe_dict(a), []) == plan_version(stage.NAME, 1, recipe_dict(b), [])
+        assert field not in recipe_dict(a)
