@@ -83,7 +83,7 @@ def run(preset: str = typer.Option("tiny", help="tiny | small | d20"),
 # ---- status --------------------------------------------------------------------------------------------------
 KEY_STATS = ("files_ok", "documents", "vocab_size", "bytes_per_token", "train_tokens", "val_loss", "val_bpb",
              "unigram_entropy", "val_assistant_loss_base", "val_assistant_loss", "val_accuracy",
-             "val_reward_before", "val_reward_after", "hellaswag_acc", "gsm8k_acc", "reward_mean",
+             "val_reward_before", "val_reward_after", "val_accuracy_before", "val_accuracy_after", "hellaswag_acc", "gsm8k_acc", "reward_mean",
              "win_rate_vs_sft")
 
 

@@ -46,7 +46,8 @@ def end_to_end(preset: str = "tiny", overrides: list[str] = (), source: str | No
         chat = stage(sft, base)                          # chat model: conversations, assistant-token loss
         reward = stage(reward_model, chat)               # Bradley-Terry on human preference pairs
         card = stage(evaluate, chat, reward, card)       # + GSM8K, reward-model score
-        assistant = stage(rl, chat, reward)              # GRPO against the reward model, KL to the chat model
+        judge = [reward] if cfg.rl.reward == "reward_model" else []  # RLHF, or rl.reward=verifier (math)
+        assistant = stage(rl, chat, *judge)              # GRPO, KL penalty to the chat model
         stage(evaluate, assistant, reward, chat, card)   # + win rate against the chat model: the report card
     except _Until:
         pass
