@@ -18,7 +18,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "crawl2chat")  # stage lo
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from stages.artifacts import Artifact, ArtifactStore  # noqa: E402
@@ -57,4 +57,7 @@ def run_stage(stage: types.ModuleType, cfg, inputs: list[Artifact], root: str) -
     create_markdown_artifact(key=stage.NAME.replace("_", "-"),
                              markdown=stats_markdown(stage.NAME, result.artifact, result.reused, result.stats),
                              description=f"{stage.NAME} {result.artifact.version}")
+    if result.stats.get("curve"):  # training stages: the loss curve (about 100 evenly spaced steps)
+        create_table_artifact(key=f"{stage.NAME.replace('_', '-')}-loss-curve", table=result.stats["curve"],
+                              description=f"{stage.NAME} {result.artifact.version}: loss per optimizer step")
     return result.artifact

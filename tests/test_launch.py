@@ -140,7 +140,8 @@ def test_settings_from_environment(tmp_path):
 
 def test_slurm_task_becomes_a_rank(monkeypatch):
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "unset")  # recorded first, so the undo also removes what _env_from_slurm sets
+        monkeypatch.delenv(var)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_NTASKS", "8")

@@ -88,7 +88,7 @@ from prefect.client.orchestration import get_client
 
 async def main():
     async with get_client() as client:
-        print(json.dumps({a.key: a.data for a in await client.read_artifacts() if a.type == "markdown"}))
+        print(json.dumps({a.key: a.data for a in await client.read_artifacts() if a.type in ("markdown", "table")}))
 
 asyncio.run(main())
 """
@@ -104,6 +104,8 @@ def test_each_stage_published_its_stats_to_prefect(first_run, env):
         markdown = published[stage.replace("_", "-")]
         assert first_run.read_alias(stage, "latest") in markdown
     assert "val_loss" in published["pretrain"] and "bad_files" in published["download"]
+    curve = json.loads(published["pretrain-loss-curve"])  # the loss curve, as a table
+    assert curve[-1]["step"] == stats(first_run, "pretrain")["steps"] and "loss" in curve[0]
 
 
 def test_lineage_reaches_the_warc_files(first_run, env):

@@ -102,13 +102,14 @@ def ds_config(cfg: TrainConfig, log_dir: Path | None = None, job_name: str = "tr
 
 
 def _init_single_process_env() -> None:
-    """Without a launcher, act as rank 0 of 1 on a free local port."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    """Without a launcher, act as rank 0 of 1 on a free local port. A launcher's variables are kept; any that
+    are missing get single-process defaults (DeepSpeed would otherwise fall back to MPI discovery)."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
 
 
 def device() -> torch.device:
