@@ -56,6 +56,7 @@ def tiny() -> PipelineConfig:
     cfg = _set(
         base(),
         download=dict(source=str(DATA / "tiny-cc"), crawl="CC-MAIN-2024-22", num_files=0),
+        extract=dict(workers=1),  # 5 small files: one process beats paying start-up for a second
         train_tokenizer=dict(vocab_size=2048, heldout_chars=50_000),
         tokenize_shards=dict(val_fraction=0.1),
         pretrain=dict(depth=2, head_dim=32, seq_len=256, steps=300, micro_batch_size=16, lr=3e-3,

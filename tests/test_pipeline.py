@@ -88,7 +88,11 @@ from prefect.client.orchestration import get_client
 
 async def main():
     async with get_client() as client:
-        print(json.dumps({a.key: a.data for a in await client.read_artifacts() if a.type in ("markdown", "table")}))
+        published = {}
+        for a in await client.read_artifacts():
+            if a.type in ("markdown", "table"):
+                published.setdefault(a.key, []).append(a.data)
+        print(json.dumps(published))
 
 asyncio.run(main())
 """
@@ -100,11 +104,10 @@ def test_each_stage_published_its_stats_to_prefect(first_run, env):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     published = json.loads(result.stdout.strip().splitlines()[-1])
-    for stage in STAGES:
-        markdown = published[stage.replace("_", "-")]
-        assert first_run.read_alias(stage, "latest") in markdown
-    assert "val_loss" in published["pretrain"] and "bad_files" in published["download"]
-    curve = json.loads(published["pretrain-loss-curve"])  # the loss curve, as a table
+    for stage in STAGES:  # evaluate publishes under one key three times (base, chat, assistant)
+        assert any(first_run.read_alias(stage, "latest") in md for md in published[stage.replace("_", "-")])
+    assert "val_loss" in published["pretrain"][0] and "bad_files" in published["download"][0]
+    curve = json.loads(published["pretrain-loss-curve"][0])  # the loss curve, as a table
     assert curve[-1]["step"] == stats(first_run, "pretrain")["steps"] and "loss" in curve[0]
 
 
