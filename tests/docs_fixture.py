@@ -38,3 +38,22 @@ def train_tokenizer(path: Path, docs: Artifact, vocab_size: int = 1024) -> tuple
     out = Artifact(tt.NAME, "test", path)
     stats = tt.run(tt.Config(vocab_size=vocab_size, heldout_chars=20_000), docs, out=out)
     return out, stats
+
+
+def build_shards(tmp: Path, vocab_size: int):
+    """docs -> tokenizer -> shards (20% val, 8192-token shards) committed in a store under tmp.
+
+    Returns (store, docs, tokenizer BuildResult, shards BuildResult); the store has `latest` aliases for both."""
+    from stages import tokenize_shards
+    from stages import train_tokenizer as tt
+    from stages.artifacts import ArtifactStore
+    from stages.common import build
+
+    store = ArtifactStore(tmp / "store")
+    docs = write_docs(tmp / "docs", real_docs())
+    tok = build(tt, tt.Config(vocab_size=vocab_size, heldout_chars=20_000), [docs], store)
+    shards = build(tokenize_shards, tokenize_shards.Config(val_fraction=0.2, shard_tokens=8192, workers=1),
+                   [docs, tok.artifact], store)
+    store.set_alias(tt.NAME, "latest", tok.artifact.version)
+    store.set_alias(tokenize_shards.NAME, "latest", shards.artifact.version)
+    return store, docs, tok, shards

@@ -9,15 +9,6 @@ from stages.lm.gpt import GPT, GPTConfig, KVCache, RewardModel
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: a second intra-op thread only adds spin-wait, badly so on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(n_head=4, n_kv_head=4, seed=0, **kw) -> GPT:
     """A 2-layer model with head_dim 16, in fp32, with weights big enough that logits differ sharply."""
     torch.manual_seed(seed)

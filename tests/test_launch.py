@@ -15,10 +15,8 @@ import types
 import pytest
 import torch
 
-from docs_fixture import real_docs, write_docs
-from stages import pretrain, tokenize_shards
-from stages import train_tokenizer as tt
-from stages.artifacts import ArtifactStore
+from docs_fixture import build_shards
+from stages import pretrain
 from stages.common import StageError, build, config_dict
 from stages.lm import launch, trainer
 from stages.lm.checkpoint import load_model
@@ -34,23 +32,10 @@ VOCAB = 640
 WORLD = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("launch")
-    store = ArtifactStore(tmp / "store")
-    docs = write_docs(tmp / "docs", real_docs())
-    tok = build(tt, tt.Config(vocab_size=VOCAB, heldout_chars=20_000), [docs], store).artifact
-    shards = build(tokenize_shards, tokenize_shards.Config(val_fraction=0.2, shard_tokens=8192), [docs, tok],
-                   store).artifact
-    return {"store": store, "tok": tok, "shards": shards}
+    store, _, tok, shards = build_shards(tmp_path_factory.mktemp("launch"), VOCAB)
+    return {"store": store, "tok": tok.artifact, "shards": shards.artifact}
 
 
 @pytest.fixture

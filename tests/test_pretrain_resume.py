@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from docs_fixture import real_docs, write_docs
-from stages import pretrain, tokenize_shards
-from stages import train_tokenizer as tt
+from docs_fixture import build_shards
+from stages import pretrain
 from stages.artifacts import ArtifactStore, sha256_file
-from stages.common import StageError, build
+from stages.common import StageError
 from stages.lm import trainer
 from stages.lm.data import TokenLoader
 from stages.lm.gpt import GPT, GPTConfig
@@ -34,25 +33,11 @@ SETTINGS = dict(depth=1, aspect_ratio=32, head_dim=16, seq_len=64, steps=2 * N, 
                 sample_prompts='["Once"]', precision="fp32", compile="true")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     """A store holding a tokenizer and token shards with `latest` aliases, to be copied per run."""
     tmp = tmp_path_factory.mktemp("resume")
-    store = ArtifactStore(tmp / "store")
-    docs = write_docs(tmp / "docs", real_docs())
-    tok = build(tt, tt.Config(vocab_size=640, heldout_chars=20_000), [docs], store)
-    shards = build(tokenize_shards, tokenize_shards.Config(val_fraction=0.2, shard_tokens=8192, workers=1),
-                   [docs, tok.artifact], store)
-    store.set_alias(tt.NAME, "latest", tok.artifact.version)
-    store.set_alias(tokenize_shards.NAME, "latest", shards.artifact.version)
+    build_shards(tmp, 640)
     return tmp / "store"
 
 

@@ -11,10 +11,9 @@ import pyarrow.ipc as ipc
 import pytest
 import torch
 
-from docs_fixture import real_docs, train_tokenizer, write_docs
-from stages import pretrain, reward_model, rl, sft, tokenize_shards
-from stages import train_tokenizer as tt
-from stages.artifacts import Artifact, ArtifactStore, sha256_file
+from docs_fixture import build_shards, train_tokenizer
+from stages import pretrain, reward_model, rl, sft
+from stages.artifacts import Artifact, sha256_file
 from stages.common import StageError, build
 from stages.lm import trainer
 from stages.lm.chat import ChatTokenizer
@@ -35,23 +34,10 @@ PRETRAIN = pretrain.Config(depth=2, aspect_ratio=32, head_dim=32, seq_len=64, st
 VOCAB = 640
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: a second intra-op thread only adds spin-wait, badly so on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("training")
-    store = ArtifactStore(tmp / "store")
-    docs = write_docs(tmp / "docs", real_docs())
-    tok = build(tt, tt.Config(vocab_size=VOCAB, heldout_chars=20_000), [docs], store)
-    shards = build(tokenize_shards, tokenize_shards.Config(val_fraction=0.2, shard_tokens=8192),
-                   [docs, tok.artifact], store)
+    store, docs, tok, shards = build_shards(tmp, VOCAB)
     return {"tmp": tmp, "store": store, "docs": docs, "tok": tok.artifact, "shards": shards.artifact,
             "shard_stats": shards.stats}
 
