@@ -50,7 +50,6 @@ from datatrove.pipeline.filters import (C4BadWordsFilter, C4QualityFilter, FineW
                                         GopherRepetitionFilter, LanguageFilter, URLFilter)
 from datatrove.pipeline.formatters import PIIFormatter
 from datatrove.pipeline.readers import JsonlReader, WarcReader
-from datatrove.pipeline.readers.warc import process_record
 from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.lid import FT176LID
@@ -62,7 +61,8 @@ from stages.artifacts import Artifact
 from stages.common import StageError, main, runtime
 
 NAME = "extract"
-CODE_VERSION = 2  # 2: FineWeb filters, PII, exact + MinHash dedup, crawl/warc_offset/signal columns, zstd
+CODE_VERSION = 3  # 2: FineWeb filters, PII, exact + MinHash dedup, crawl/warc_offset/signal columns, zstd
+#                  3: the reader resumes after damage, caps record size, counts skipped records by reason
 log = logging.getLogger("crawl2chat")
 
 EXTRACTORS = ("resiliparse", "trafilatura")
@@ -91,6 +91,8 @@ class Config:
     minhash_ngrams: int = 5  # FineWeb: word 5-grams as shingles
     minhash_buckets: int = 14  # FineWeb: 14 bands of 8 hashes; similarity 0.8 is caught with p = 1-(1-0.8^8)^14 = 0.92,
     minhash_hashes_per_bucket: int = 8  # and the 50% point is (1/14)^(1/8) = 0.72
+    max_record_bytes: int = 10 << 20  # a WARC record whose Content-Length is larger is skipped (skipped_oversized)
+    #                                  unread: Common Crawl cuts payloads at 1 MiB, so 10 MiB only stops gzip bombs
     extract_timeout_s: float = 5.0  # per document; guards against pathological HTML (datatrove's default is 1 s,
     #                                 too tight for a 2-core box where the extractor's worker process warms up)
     tasks: int = 64  # datatrove tasks = min(tasks, number of WARC files): one task reads whole files
@@ -117,6 +119,8 @@ class Config:
         if min(self.minhash_ngrams, self.minhash_buckets, self.minhash_hashes_per_bucket) < 1:
             raise ValueError("minhash_ngrams, minhash_buckets and minhash_hashes_per_bucket must be at least 1, got "
                              f"{self.minhash_ngrams}, {self.minhash_buckets}, {self.minhash_hashes_per_bucket}")
+        if self.max_record_bytes < 1:
+            raise ValueError(f"max_record_bytes must be positive (10485760 is 10 MiB), got {self.max_record_bytes}")
         if self.extract_timeout_s <= 0:
             raise ValueError(f"extract_timeout_s must be positive seconds, got {self.extract_timeout_s}")
         if self.tasks < 1 or self.workers < 1:
@@ -133,50 +137,121 @@ def lid_model_path() -> Path:
 
 
 class SafeWarcReader(WarcReader):
-    """WarcReader that survives a damaged file: keeps the records before the damage, names the file in its stats and
-    moves on (datatrove's reader would fail the whole task). It adds to each document: `warc`, the path inside the
-    download artifact (not datatrove's absolute path, so the output does not depend on where the stage ran),
-    `warc_offset`, the byte offset of the record in the .warc.gz (datatrove does not expose it), and `crawl`, from the
-    file's warcinfo record (isPartOf) or else its crawl-data/CC-MAIN-… path."""
+    """WarcReader that survives damaged input: a record it cannot parse (garbage between records, a cut gzip member, a
+    wrong Content-Length) is counted, and reading resumes at the next gzip member header, so the records after the
+    damage are kept too; the file is named in its stats. Records it skips on purpose are counted by reason:
+    skipped_oversized (Content-Length over max_record_bytes: drained in 64 KiB reads, never held in memory, so a gzip
+    bomb costs time, not memory), skipped_non_html, skipped_undecodable. It adds to each document: `warc`, the path
+    inside the download artifact (not datatrove's absolute path, so the output does not depend on where the stage
+    ran), `warc_offset`, the byte offset of the record in the .warc.gz (datatrove does not expose it), and `crawl`,
+    from the file's warcinfo record (isPartOf) or else its crawl-data/CC-MAIN-… path."""
 
-    def __init__(self, data_folder: str):
+    def __init__(self, data_folder: str, max_record_bytes: int = 10 << 20):
         super().__init__(data_folder, glob_pattern="**/*.warc.gz", recursive=True)
         self.add_file_path = False  # WarcReader does not pass this on to BaseDiskReader
+        self.max_record_bytes = max_record_bytes
 
     def read_file(self, filepath: str):
         found = CRAWL_IN_PATH.search(filepath)
-        crawl = found.group(1) if found else ""
-        try:
-            # The raw bytes (compression=None): warcio inflates each gzip member itself, so the offsets it reports are
-            # positions in the .warc.gz, where `warcio extract FILE OFFSET` or an HTTP range request finds the record.
-            # warcio is lenient with damage, so two checks below turn it into an error as a gzip reader would raise.
-            with self.data_folder.open(filepath, "rb", compression=None) as f:
-                records = ArchiveIterator(f)
-                for i, record in enumerate(records):
-                    if record.format != "warc":  # warcio parses anything that is not a WARC as a (garbage) ARC record
-                        raise ValueError(f"record {i} at byte {records.get_record_offset()} is not a WARC record")
-                    self.stat_update("records")
-                    self.stat_update("record_bytes", value=int(record.rec_headers.get_header("Content-Length") or 0))
-                    with self.track_time():
+        state = {"crawl": found.group(1) if found else "", "last": -1}
+        start, damaged = 0, False
+        while start is not None:
+            try:
+                yield from self.read_from(filepath, start, state)
+                start = None
+            except Exception as e:  # zlib/gzip/warcio errors: skip to the next gzip member after the damage
+                self.stat_update("damaged_spans")
+                if not damaged:  # the file is named once, with its first error
+                    self.stat_update("unreadable_files")
+                    self.stat_update(f"{UNREADABLE}warc/{filepath}: {type(e).__name__}: {e}"[:300])
+                damaged = True
+                start = self.next_member(filepath, max(start, state["last"]) + 1)
+
+    def next_member(self, filepath: str, offset: int) -> int | None:
+        """Offset of the next gzip member header (1f 8b 08: magic + deflate) at or after `offset`, or None."""
+        with self.data_folder.open(filepath, "rb", compression=None) as f:
+            f.seek(offset)
+            tail = b""
+            while chunk := f.read(1 << 20):
+                at = (tail + chunk).find(GZIP_MAGIC)
+                if at >= 0:
+                    return offset - len(tail) + at
+                offset += len(chunk)
+                tail = chunk[-2:]  # a header split across two reads
+        return None
+
+    def read_from(self, filepath: str, start: int, state: dict):
+        # The raw bytes (compression=None): warcio inflates each gzip member itself, so the offsets it reports are
+        # positions in the .warc.gz, where `warcio extract FILE OFFSET` or an HTTP range request finds the record.
+        # warcio is lenient with damage, so two checks below turn it into an error as a gzip reader would raise.
+        with self.data_folder.open(filepath, "rb", compression=None) as f:
+            f.seek(start)
+            records = ArchiveIterator(f)
+            for record in records:
+                if record.format != "warc":  # warcio parses anything that is not a WARC as a (garbage) ARC record
+                    raise ValueError(f"record after byte {max(start, state['last'])} is not a WARC record")
+                length = int(record.rec_headers.get_header("Content-Length") or 0)
+                self.stat_update("records")
+                self.stat_update("record_bytes", value=length)
+                with self.track_time():
+                    data = None
+                    if length > self.max_record_bytes:
+                        self.stat_update("skipped_oversized")
+                    else:
                         try:
-                            data = process_record(record)
+                            data, reason = html_or_reason(record)
+                            if reason:
+                                self.stat_update(f"skipped_{reason}")
                         except Exception:  # one odd record (bad headers, encoding) must not cost the file
                             self.stat_update("bad_records")
-                            data = None
                         if record.rec_type == "warcinfo":
-                            crawl = warcinfo_crawl(record.raw_stream.read()) or crawl
-                        while record.raw_stream.read(1 << 16):  # warcio would skip the rest anyway; we need its count
-                            pass
-                        if getattr(record.raw_stream, "limit", 0):  # bytes the header promised and the file lacks
-                            raise EOFError(f"record {i} at byte {records.get_record_offset()} is cut short")
-                        doc = self.get_document_from_dict(data, filepath, i) if data else None
-                    if doc:
-                        doc.metadata.update(warc=f"warc/{filepath}", warc_offset=records.get_record_offset(),
-                                            crawl=crawl)
-                        yield doc
-        except Exception as e:  # zlib/gzip/warcio errors: the file is damaged from here on
-            self.stat_update("unreadable_files")
-            self.stat_update(f"{UNREADABLE}warc/{filepath}: {type(e).__name__}: {e}"[:300])
+                            state["crawl"] = warcinfo_crawl(record.raw_stream.read()) or state["crawl"]
+                    while record.raw_stream.read(1 << 16):  # warcio would skip the rest anyway; we need its count
+                        pass
+                    offset = start + records.get_record_offset()  # only after the read: it skips the record's rest
+                    if getattr(record.raw_stream, "limit", 0):  # bytes the header promised and the file lacks
+                        raise EOFError(f"record at byte {offset} is cut short")
+                    doc = self.get_document_from_dict(data, filepath, offset) if data else None
+                state["last"] = offset
+                if doc:
+                    doc.metadata.update(warc=f"warc/{filepath}", warc_offset=offset, crawl=state["crawl"])
+                    yield doc
+
+
+GZIP_MAGIC = b"\x1f\x8b\x08"  # RFC 1952: ID1 ID2 and CM=8 (deflate), the start of every gzip member
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+
+
+def html_or_reason(record) -> tuple[dict | None, str | None]:
+    """datatrove's process_record (readers/warc.py), with the reason it drops a response: ({text, id, url, date}, None),
+    (None, "non_html" | "undecodable"), or (None, None) for records that are not pages (warcinfo, request, ...)."""
+    import cchardet
+    import magic
+
+    if record.rec_type not in ("response", "conversion"):  # WET files hold "conversion" records
+        return None, None
+    plain_ok = record.rec_type == "conversion"
+    mime = record.rec_headers.get("WARC-Identified-Payload-Type", None)
+    if mime is not None and mime not in HTML_TYPES and not (plain_ok and mime == "text/plain"):
+        return None, "non_html"
+    content = record.content_stream().read()  # at most max_record_bytes, checked by the caller
+    if mime is None:  # older crawls have no payload type: sniff it as datatrove does
+        mime = magic.from_buffer(content, mime=True)
+        if mime not in HTML_TYPES and not (plain_ok and mime == "text/plain"):
+            return None, "non_html"
+    try:
+        html = content.decode("utf-8")
+    except UnicodeDecodeError:
+        detected = cchardet.detect(content)["encoding"]
+        try:
+            html = content.decode(detected) if detected and detected.lower() not in ("utf-8", "utf8") else None
+        except (UnicodeDecodeError, LookupError):
+            html = None
+        if html is None:
+            return None, "undecodable"
+    h = record.rec_headers
+    return {"text": html, "id": h["WARC-Record-ID"], "url": h.get("WARC-Target-URI", None),
+            "date": h.get("WARC-Date", None)}, None
 
 
 def warcinfo_crawl(block: bytes) -> str:
@@ -382,7 +457,7 @@ def build_stages(cfg: Config, warc_dir: Path, out: Path) -> dict[str, tuple[Step
         extractor = Resiliparse(timeout=cfg.extract_timeout_s)
 
     filters: Steps = [
-        ("read_warc", SafeWarcReader(str(warc_dir))),
+        ("read_warc", SafeWarcReader(str(warc_dir), cfg.max_record_bytes)),
         ("url", OfflineURLFilter(exclusion_writer=excluded("url"))),
         (cfg.extractor, extractor),
         ("language", OfflineLanguageFilter(languages=list(cfg.languages) or None,
