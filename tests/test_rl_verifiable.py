@@ -25,14 +25,6 @@ from stages.lm.gpt import GPT, GPTConfig
 GSM8K = Path(__file__).resolve().parent.parent / "data" / "eval" / "gsm8k-test.shared300.jsonl"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- the generator -------------------------------------------------------------------------------------------
 def test_arithmetic_problems_are_deterministic_disjoint_and_right():
     train, val = verifiers.arithmetic_problems(99, 300, 50, seed=3)
