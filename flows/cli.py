@@ -217,6 +217,11 @@ def export(ref: str = typer.Argument(..., metavar="ARTIFACT", help="a pretrain, 
 
 # ---- chat ----------------------------------------------------------------------------------------------------
 CHAT_STAGES = ("rl", "sft")  # the default model: the newest assistant, else the newest chat model
+# sampling options shared by `chat` and `generate`
+TEMPERATURE = typer.Option(0.8, help="0 is greedy")
+TOP_K = typer.Option(50, help="sample among the k likeliest tokens (0: all)")
+MAX_NEW_TOKENS = typer.Option(256, help="longest reply in tokens")
+SEED = typer.Option(None, help="fix the sampling for reproducible replies")
 
 
 def _model_dir(store: ArtifactStore, ref: Optional[str]) -> Path:
@@ -232,10 +237,8 @@ def _model_dir(store: ArtifactStore, ref: Optional[str]) -> Path:
 
 @app.command()
 def chat(ref: Optional[str] = typer.Argument(None, metavar="[ARTIFACT]", help="default: the newest rl, else sft"),
-         temperature: float = typer.Option(0.8, help="0 is greedy"),
-         top_k: int = typer.Option(50, help="sample among the k likeliest tokens (0: all)"),
-         max_new_tokens: int = typer.Option(256, help="longest reply in tokens"),
-         seed: Optional[int] = typer.Option(None, help="fix the sampling for reproducible replies"),
+         temperature: float = TEMPERATURE, top_k: int = TOP_K, max_new_tokens: int = MAX_NEW_TOKENS,
+         seed: Optional[int] = SEED,
          root: Optional[str] = ROOT):
     """A streaming chat in the terminal with a model artifact."""
     from flows.chat import Chat, repl
@@ -249,10 +252,8 @@ def chat(ref: Optional[str] = typer.Argument(None, metavar="[ARTIFACT]", help="d
 
 @app.command()
 def generate(ref: str = typer.Argument(..., metavar="ARTIFACT"), prompt: str = typer.Argument(...),
-             temperature: float = typer.Option(0.8, help="0 is greedy"),
-             top_k: int = typer.Option(50, help="sample among the k likeliest tokens (0: all)"),
-             max_new_tokens: int = typer.Option(256, help="longest reply in tokens"),
-             seed: Optional[int] = typer.Option(None, help="fix the sampling for reproducible replies"),
+             temperature: float = TEMPERATURE, top_k: int = TOP_K, max_new_tokens: int = MAX_NEW_TOKENS,
+             seed: Optional[int] = SEED,
              root: Optional[str] = ROOT):
     """One answer to PROMPT, printed as it streams."""
     import sys
