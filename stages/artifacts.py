@@ -152,6 +152,11 @@ class ArtifactStore:
             local.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(local, ignore_errors=True)
             os.replace(tmp, local)
+            # An artifact may read files of an earlier version of its own stage by relative path
+            # ("../<version>/..."; tokenize_shards extending a dataset): bring those into the cache beside it.
+            for i in manifest["inputs"]:
+                if i["stage"] == stage:
+                    self.get(i["stage"], i["version"])
         return Artifact(stage, version, local)
 
     def manifest(self, stage: str, version: str) -> dict:

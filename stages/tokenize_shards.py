@@ -16,6 +16,12 @@ the output is byte-identical for any number of workers. A crashed run re-runs in
 (it depends only on the recipe) and encodes only the units without a finished file; the merge is redone whole
 (it only copies tokens). work/ is deleted before the artifact is committed.
 
+Incremental dataset versions (flows/data_refresh.py): given an earlier tokenize_shards artifact as a third
+input, only `docs` (the new documents) are encoded; the index lists the earlier version's shards first, by a
+path relative to this artifact ("../<version>/shards/..."; every version of a stage is a sibling directory in
+the store), then the new shards. Nothing is copied or re-tokenized, and the earlier artifact stays an input in
+the lineage. Both must use the same tokenizer.
+
 Layout (read by stages/lm/data.py):
     shards/{split}_{i:05d}.arrow   Arrow IPC file, one record batch, one column "tokens" (uint16 when the
                                    vocab fits, else uint32): a flat token stream, so a reader memory-maps it
@@ -55,7 +61,7 @@ from stages.lm.chat import marker_escapes
 from stages.train_tokenizer import doc_files, hash_unit, load_tokenizer
 
 NAME = "tokenize_shards"
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: index.json lists reused shards of an earlier version ("reuses")
 SPLITS = ("train", "val")
 
 log = logging.getLogger(f"crawl2chat.{NAME}")
@@ -219,9 +225,31 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run(cfg: Config, docs: Artifact, tokenizer: Artifact, *, out: Artifact) -> dict:
+def _reused_shards(earlier: tuple[Artifact, ...], tokenizer_sha256: str) -> dict | None:
+    """The shard lists and totals of an earlier dataset version, with paths relative to the new artifact."""
+    if not earlier:
+        return None
+    if len(earlier) > 1 or earlier[0].stage != NAME:
+        raise StageError(f"tokenize_shards takes documents, a tokenizer and at most one earlier {NAME} artifact "
+                         f"to extend; got {', '.join(a.ref for a in earlier)}")
+    prev = earlier[0]
+    index = json.loads((prev.path / "index.json").read_text())
+    if index["tokenizer_sha256"] != tokenizer_sha256:
+        raise StageError(f"{prev.ref} was tokenized with tokenizer {index['tokenizer_sha256'][:12]}…, not "
+                         f"{tokenizer_sha256[:12]}…: extend a dataset version with the tokenizer that made it")
+
+    def relative(shard: dict) -> dict:  # its own shards move one level up; its reused ones already are
+        file = shard["file"]
+        return {**shard, "file": file if file.startswith("../") else f"../{prev.version}/{file}"}
+
+    return {"splits": {s: [relative(sh) for sh in index["splits"][s]] for s in SPLITS},
+            "totals": index["totals"], "refs": index.get("reuses", []) + [prev.ref]}
+
+
+def run(cfg: Config, docs: Artifact, tokenizer: Artifact, *earlier: Artifact, out: Artifact) -> dict:
     files = doc_files(docs)
     sp, meta = load_tokenizer(tokenizer)
+    reused = _reused_shards(earlier, meta["tokenizer_sha256"])
     vocab_size = sp.get_piece_size()
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
 
@@ -262,23 +290,28 @@ def run(cfg: Config, docs: Artifact, tokenizer: Artifact, *, out: Artifact) -> d
         w.flush()
     shutil.rmtree(work)  # scratch space, not part of the artifact
 
-    totals = {s: {"docs": w.docs, "tokens": w.tokens, "bytes": w.bytes} for s, w in writers.items()}
-    if totals["train"]["docs"] == 0:
+    new = {s: {"docs": w.docs, "tokens": w.tokens, "bytes": w.bytes} for s, w in writers.items()}
+    if new["train"]["docs"] == 0 and not reused:
         raise StageError(f"{docs.ref} holds no non-empty documents: re-run extract with more input")
+    totals = {s: {k: v + (reused["totals"][s][k] if reused else 0) for k, v in t.items()} for s, t in new.items()}
     index = {
         "format": 1,
         "layout": "one Arrow IPC record batch per shard, column 'tokens', flat stream of [bos] doc [eos]",
         "tokenizer_sha256": meta["tokenizer_sha256"], "vocab_size": vocab_size,
         "dtype": np.dtype(dtype).name, "bos_id": sp.bos_id(), "eos_id": sp.eos_id(), "pad_id": sp.pad_id(),
-        "splits": {s: w.shards for s, w in writers.items()},
+        "splits": {s: (reused["splits"][s] if reused else []) + w.shards for s, w in writers.items()},
         "totals": totals,
+        "reuses": reused["refs"] if reused else [],
         "total_docs": sum(t["docs"] for t in totals.values()),
         "total_tokens": sum(t["tokens"] for t in totals.values()),
     }
     (out.path / "index.json").write_text(json.dumps(index, indent=2))
     return {"tokenizer_sha256": meta["tokenizer_sha256"], "dtype": index["dtype"],
             **{f"{s}_{k}": v for s, t in totals.items() for k, v in t.items()},
-            **{f"{s}_shards": len(w.shards) for s, w in writers.items()},
+            **{f"new_{s}_{k}": v for s, t in new.items() for k, v in t.items()},
+            **{f"{s}_shards": len(index["splits"][s]) for s in SPLITS},
+            "reused_shards": sum(len(reused["splits"][s]) for s in SPLITS) if reused else 0,
+            "reuses": index["reuses"],
             "skipped_empty_docs": skipped_empty, "docs_with_escaped_markers": escaped, "work_units": len(units)}
 
 

@@ -2,6 +2,7 @@
 the same bytes for any number of workers, and a resumed run that encodes only the unfinished work units."""
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ from docs_fixture import real_docs, train_tokenizer, write_docs
 from stages import tokenize_shards as ts
 from stages.artifacts import Artifact
 from stages.common import StageError
+from stages.lm.data import ShardIndex, TokenStream
 
 EXTRA = [{"id": "marker", "text": "web text that says <|user|> and <|end|> literally"}, {"id": "empty", "text": ""}]
 
@@ -158,3 +160,37 @@ def test_a_crashed_run_resumes_with_the_unfinished_units(built, tmp_path, monkey
     _, clean = shard(tmp_path / "clean", docs, tok)
     assert resumed == clean
     assert contents(tmp_path / "s") == contents(tmp_path / "clean")
+
+
+def test_extends_an_earlier_version_without_copying(built, tmp_path):
+    """A data refresh: the new version encodes only the new documents and lists the earlier shards by path."""
+    docs, tok, _, first, first_stats, _ = built
+    store = tmp_path / "store"  # versions of a stage are siblings in the store: ../<version>/ reaches them
+    prev = Artifact(ts.NAME, "v1", store / ts.NAME / "v1")
+    prev.path.parent.mkdir(parents=True)
+    shutil.copytree(first.path, prev.path)
+    new_docs = write_docs(tmp_path / "new_docs", [{"id": "fresh-1", "text": "brand new page about rivers " * 40},
+                                                  {"id": "fresh-2", "text": "another new page on mountains " * 40}])
+    out = Artifact(ts.NAME, "v2", store / ts.NAME / "v2")
+    out.path.mkdir()
+    stats = ts.run(ts.Config(val_fraction=0.1, shard_tokens=8192, workers=1), new_docs, tok, prev, out=out)
+
+    index = json.loads((out.path / "index.json").read_text())
+    assert index["reuses"] == stats["reuses"] == ["tokenize_shards/v1"]
+    assert stats["new_train_docs"] + stats["new_val_docs"] == 2
+    assert stats["reused_shards"] == first_stats["train_shards"] + first_stats["val_shards"]
+    for split in ("train", "val"):
+        assert stats[f"{split}_docs"] == first_stats[f"{split}_docs"] + stats[f"new_{split}_docs"]
+        files = [s["file"] for s in index["splits"][split]]
+        assert all(f.startswith("../v1/shards/") for f in files[:first_stats[f"{split}_shards"]])
+    own = sorted(p.name for p in (out.path / "shards").iterdir())  # only the new documents' shards
+    assert len(own) == stats["train_shards"] + stats["val_shards"] - stats["reused_shards"] <= 2
+    # the loader reads the whole dataset: earlier tokens, then the new ones
+    stream = TokenStream(ShardIndex.load(out.path), "train")
+    assert sum(len(a) for a in stream.arrays) == stats["train_tokens"]
+
+    other_tok, _ = train_tokenizer(tmp_path / "tok2", docs, vocab_size=600)
+    with pytest.raises(StageError, match="extend a dataset version with the tokenizer that made it"):
+        out3 = Artifact(ts.NAME, "v3", store / ts.NAME / "v3")
+        out3.path.mkdir()
+        ts.run(ts.Config(val_fraction=0.1, workers=1), new_docs, other_tok, prev, out=out3)
