@@ -9,6 +9,7 @@ wraps exactly this for Prefect; `python -m stages.<name>` calls it directly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -33,6 +34,32 @@ class BuildResult:
     artifact: Artifact
     reused: bool
     stats: dict
+
+
+# ---- progress: a stage says how far it is; whoever runs it shows that -----------------------------------------
+# Stages call progress(done, total, unit) as work completes and never import Prefect or rich. flows/tasks.py
+# installs a reporter for the duration of a build (a progress artifact in the Prefect UI and a rich bar on the
+# terminal, flows/progress.py); without one, progress() does nothing. A plain global rather than a contextvar:
+# download reports from a thread pool, where context variables are not inherited, and one process builds one
+# stage at a time.
+Reporter = typing.Callable[[float, float, str], None]
+_reporter: Reporter | None = None
+
+
+def progress(done: float, total: float, unit: str = "steps") -> None:
+    """Report that `done` of `total` units of the current stage's work are finished."""
+    if _reporter is not None:
+        _reporter(done, total, unit)
+
+
+@contextlib.contextmanager
+def reporting(reporter: Reporter) -> typing.Iterator[None]:
+    global _reporter
+    previous, _reporter = _reporter, reporter
+    try:
+        yield
+    finally:
+        _reporter = previous
 
 
 def config_dict(cfg: Any) -> dict:

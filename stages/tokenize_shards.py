@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 import sentencepiece as spm
 
 from stages.artifacts import Artifact
-from stages.common import StageError, main, runtime
+from stages.common import StageError, main, progress, runtime
 from stages.lm.chat import marker_escapes
 from stages.train_tokenizer import doc_files, hash_unit, load_tokenizer
 
@@ -264,14 +264,16 @@ def run(cfg: Config, docs: Artifact, tokenizer: Artifact, *earlier: Artifact, ou
             cfg.encode_batch_docs, np.dtype(dtype).name)
     if workers == 1:  # in this process: no start-up cost, and a debugger sees the encoding
         _init_worker(*init)
-        for job in todo:
+        for done, job in enumerate(todo, 1):
             _encode_unit(job)
+            progress(len(units) - len(todo) + done, len(units), "work units")
     else:
         # spawn, not fork: the stage may run inside a threaded process (Prefect), where fork can deadlock.
         # ProcessPoolExecutor rather than multiprocessing.Pool: a worker that dies (out of memory) fails the
         # run with BrokenProcessPool instead of hanging it.
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, init) as pool:
             for done, _ in enumerate(pool.map(_encode_unit, todo), 1):
+                progress(len(units) - len(todo) + done, len(units), "work units")
                 if done % max(1, len(todo) // 10) == 0:
                     log.info("encoded %d/%d units", done, len(todo))
 

@@ -199,7 +199,16 @@ def run_stage(stage: types.ModuleType, cfg: Any, inputs: list[Artifact], out: Ar
         if not torch.cuda.is_available():
             env["DS_ACCELERATOR"] = "cpu"
     log.info("%s: launching %s", out.ref, " ".join(cmd))
-    rc = subprocess.run(cmd, env=env).returncode
+    # The ranks' output goes through this process's logger line by line, so a flow run's logs (Prefect captures
+    # the crawl2chat logger) show what the launcher and DeepSpeed print, not only the terminal that started it.
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace", bufsize=1) as proc:
+        for line in proc.stdout:
+            if log.isEnabledFor(logging.INFO):
+                log.info("%s", line.rstrip())
+            else:  # nobody configured logging (a library call): keep the ranks' output on the terminal
+                sys.stderr.write(line)
+    rc = proc.returncode
     if rc != 0 or not (work / STATS).exists():
         raise StageError(f"{out.ref}: the launched ranks failed (exit code {rc}; their output is above). "
                          f"Fix the cause and run it again: it resumes from the newest checkpoint in {out.path}")

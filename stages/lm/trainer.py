@@ -36,7 +36,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # 
 from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
-from stages.common import StageError  # noqa: E402
+from stages.common import StageError, progress  # noqa: E402
 
 log = logging.getLogger("crawl2chat")
 
@@ -322,6 +322,7 @@ def fit(engine, cfg: TrainConfig, total: int, loader, loss_fn, ckpt_dir: Path, t
                 engine.monitor.write_events([(f"Train/{k}", metrics[k], step)
                                              for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")
                                              if k in metrics])
+            progress(step, total, "steps")
             if step % log_every == 0 or step == total:
                 log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tok/s%s", step, total, metrics["loss"],
                          metrics["grad_norm"], metrics["lr"], metrics["tokens_per_s"],
@@ -331,4 +332,21 @@ def fit(engine, cfg: TrainConfig, total: int, loader, loss_fn, ckpt_dir: Path, t
                                 cfg.keep_checkpoints)
             if step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+    if rank == 0 and history:
+        save_loss_curve(history, ckpt_dir.parent / "loss_curve.png")
     return history
+
+
+def save_loss_curve(history: list[dict], path: Path) -> None:
+    """Training loss per optimizer step as a PNG (the image the Prefect UI shows for a training stage)."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display: render to a file
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot([m["step"] for m in history], [m["loss"] for m in history], linewidth=1)
+    ax.set(xlabel="optimizer step", ylabel="training loss", title="training loss per step")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
