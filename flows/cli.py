@@ -5,23 +5,31 @@
     crawl2chat artifacts list [STAGE] | show REF | lineage REF [--down] | verify [REF]
     crawl2chat chat [ARTIFACT] | generate ARTIFACT PROMPT
     crawl2chat export REF --format hf [--out DIR]
+    crawl2chat server start [--port 4200] | stop | status
+    crawl2chat deploy [--workdir DIR] | worker cpu|gpu
+    crawl2chat run --deployment [--no-wait] ...     (a worker runs it; see infra/compose.yaml)
+    crawl2chat schedule DEPLOYMENT --cron "0 3 * * 1" | schedule list | pause | resume | delete DEPLOYMENT
 
 REF is `stage`, `stage/latest`, `stage/<version>` or a version prefix. The store is ./artifacts unless
 --root or CRAWL2CHAT_ROOT says otherwise (a path or an fsspec URL). Errors are one line that names the fix,
-with a non-zero exit.
+with a non-zero exit. After `crawl2chat server start`, every command talks to that server (PREFECT_API_URL,
+unless the environment already sets it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
+import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
+from typer.core import TyperGroup
 
 from stages.artifacts import ArtifactError, ArtifactStore
 from stages.common import StageError
@@ -30,7 +38,35 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Common Crawl -> chat model, one versioned stage at a time.")
 artifacts_app = typer.Typer(no_args_is_help=True, help="List, inspect, trace and verify artifacts.")
 app.add_typer(artifacts_app, name="artifacts")
+server_app = typer.Typer(no_args_is_help=True, help="A local Prefect server with its UI (http://127.0.0.1:4200).")
+app.add_typer(server_app, name="server")
+
+
+class _ScheduleGroup(TyperGroup):
+    """`schedule DEPLOYMENT --cron ...` is `schedule create DEPLOYMENT --cron ...`: the issue's spelling, next
+    to the list | pause | resume | delete subcommands."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["create", *args]
+        return super().resolve_command(ctx, args)
+
+
+schedule_app = typer.Typer(cls=_ScheduleGroup, no_args_is_help=True,
+                           help="Cron schedules of deployments: `schedule DEPLOYMENT --cron '0 3 * * 1'`, "
+                                "list, pause, resume, delete.")
+app.add_typer(schedule_app, name="schedule")
 console = Console()
+
+
+@app.callback()
+def _use_server():
+    # Before any command imports Prefect: point it at the server `crawl2chat server start` left running.
+    from flows.server import use_server_from_state
+
+    warning = use_server_from_state()
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 ROOT = typer.Option(None, "--root", envvar="CRAWL2CHAT_ROOT", help="artifact store: path or fsspec URL")
 
@@ -54,6 +90,9 @@ def run(preset: str = typer.Option("tiny", help="tiny | small | d20"),
         source: Optional[str] = typer.Option(None, help="Common-Crawl-layout folder or URL (overrides the preset)"),
         until: Optional[str] = typer.Option(None, help="stop after this stage"),
         set_: list[str] = typer.Option([], "--set", help="override: stage.field=value (repeatable)"),
+        deployment: bool = typer.Option(False, "--deployment",
+                                        help="run on the server's cpu pool (a worker) instead of in-process"),
+        wait: bool = typer.Option(True, help="with --deployment: wait for the run to end"),
         root: Optional[str] = ROOT):
     """Run the DAG end to end (unchanged stages are reused)."""
     from flows import presets
@@ -63,6 +102,8 @@ def run(preset: str = typer.Option("tiny", help="tiny | small | d20"),
         cfg = presets.load(preset, set_, source)
         if until is not None and until not in presets.STAGES:
             raise StageError(f"unknown stage '{until}' for --until: choose one of {', '.join(presets.STAGES)}")
+        if deployment:  # a worker runs it: --source and --root are paths on the worker's machine, not checked here
+            return _run_deployment(preset, source, until, list(set_), root, wait)
         if source and "://" not in source and not os.path.isdir(source):
             raise StageError(f"source folder {source} does not exist: give a Common-Crawl-layout folder "
                              f"(crawl-data/CC-MAIN-*/warc.paths.gz) or an http(s)/s3 URL")
@@ -80,11 +121,152 @@ def run(preset: str = typer.Option("tiny", help="tiny | small | d20"),
         console.print(f"  {ref}")
 
 
+def _run_deployment(preset: str, source: Optional[str], until: Optional[str], overrides: list[str],
+                    root: Optional[str], wait: bool) -> None:
+    from flows import deploy
+
+    params = dict(preset=preset, overrides=overrides, source=source, until=until)
+    if root:  # else the deployment's default, ./artifacts in the worker's working directory
+        params["root"] = root
+    run_id, name, link = deploy.trigger(deploy.END_TO_END, params)
+    console.print(f"flow run [bold]{name}[/] created: {link}", soft_wrap=True)
+    if not wait:
+        console.print("a worker on the cpu pool runs it: `crawl2chat worker cpu`")
+        return
+    console.print("waiting for a worker on the cpu pool (`crawl2chat worker cpu`) to run it...")
+    state = deploy.wait(run_id)
+    if not state.is_completed():
+        _fail(f"flow run {name} ended {state.name}: {state.message or ''} (logs: {link})")
+    console.print(f"[bold green]done[/] flow run {name}")
+
+
+# ---- server, deployments, schedules ------------------------------------------------------------------------
+@server_app.command("start")
+def server_start(host: str = typer.Option("127.0.0.1", help="address to listen on"),
+                 port: int = typer.Option(4200, help="port of the API and UI"),
+                 database_url: Optional[str] = typer.Option(
+                     None, envvar="PREFECT_API_DATABASE_CONNECTION_URL",
+                     help="postgresql+asyncpg://user:password@host:5432/db (default: SQLite in $PREFECT_HOME)"),
+                 timeout: float = typer.Option(120, help="seconds to wait for the server to answer")):
+    """Start a Prefect server (API and UI) in the background; later commands use it."""
+    from flows import server
+
+    state = server.start(host, port, database_url, timeout)
+    console.print(f"[bold green]Prefect server running[/] (pid {state.pid}, database {state.database})\n"
+                  f"  UI:  {state.url}\n  API: {state.api_url}  (crawl2chat commands use it from now on)\n"
+                  f"  log: {state.log}", highlight=False, soft_wrap=True)
+
+
+@server_app.command("stop")
+def server_stop():
+    """Stop the server that `crawl2chat server start` started."""
+    from flows import server
+
+    state = server.stop()
+    console.print(f"stopped the Prefect server at {state.url} (pid {state.pid})" if state else
+                  "no server started by `crawl2chat server start` is running", highlight=False)
+
+
+@server_app.command("status")
+def server_status():
+    """Where the server is and whether it answers."""
+    from flows import server
+
+    state = server.ServerState.read()
+    if state is None:
+        _fail("no server started by `crawl2chat server start`: start one with `crawl2chat server start`")
+    ok = server.healthy(state.api_url)
+    console.print(f"{state.url} (pid {state.pid}, database {state.database}): "
+                  f"{'[green]healthy[/]' if ok else '[red]not answering[/]'}; log {state.log}", highlight=False)
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command("deploy")
+def deploy_(workdir: Optional[str] = typer.Option(None, help="the repository on the workers (default: here)"),
+            only: list[str] = typer.Option([], help="deploy only this one (repeatable)")):
+    """Register the deployments (end-to-end on the cpu pool, train on the gpu pool) on the server."""
+    from flows import deploy
+
+    for name in deploy.deploy(workdir, only or None):
+        console.print(f"deployed [bold]{name}[/]")
+    console.print("start workers with `crawl2chat worker cpu` and `crawl2chat worker gpu`", highlight=False)
+
+
+@app.command()
+def worker(pool: str = typer.Argument(..., help="cpu or gpu"),
+           run_once: bool = typer.Option(False, help="run the flow runs that are due, then exit")):
+    """Run a Prefect process worker for POOL against the server (`prefect worker start`, pointed at it)."""
+    from flows.deploy import POOLS, require_server
+
+    if pool not in POOLS:
+        _fail(f"unknown pool '{pool}': choose one of {', '.join(POOLS)}")
+    require_server()  # the callback set PREFECT_API_URL from `crawl2chat server start`; the worker inherits it
+    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
+    os.execv(sys.executable, cmd + (["--run-once"] if run_once else []))
+
+
+@schedule_app.command("create")
+def schedule_create(deployment: str = typer.Argument(..., help="deployment name, e.g. data-refresh or "
+                                                                 "crawl2chat/end-to-end"),
+                    cron: str = typer.Option(..., help="five cron fields, e.g. '0 3 * * 1' (Mondays 03:00)"),
+                    timezone: str = typer.Option("UTC", help="IANA time zone of the cron times")):
+    """Run DEPLOYMENT on a cron schedule."""
+    from flows import deploy
+
+    sid, created = deploy.add_schedule(deployment, cron, timezone)
+    console.print(f"{'scheduled' if created else 'already scheduled (made active)'} {deployment}: "
+                  f"'{cron}' {timezone} (schedule {sid[:8]})", highlight=False)
+
+
+@schedule_app.command("list")
+def schedule_list(deployment: Optional[str] = typer.Argument(None, help="one deployment; all when left out")):
+    """Every deployment's schedules, active or paused, with the next run."""
+    from flows import deploy
+
+    table = Table()
+    for col in ("deployment", "schedule", "cron", "timezone", "active", "next run"):
+        table.add_column(col, overflow="fold")  # whole names and times, folded, on narrow terminals
+    for r in deploy.list_schedules(deployment):
+        table.add_row(r["deployment"], r["id"][:8], r["schedule"], r["timezone"],
+                      "yes" if r["active"] else "paused", r["next_run"])
+    console.print(table)
+
+
+def _schedule_action(action: str, deployment: str, schedule_id: Optional[str]) -> None:
+    from flows import deploy
+
+    n = deploy.set_schedules(deployment, action, schedule_id)
+    done = {"pause": "paused", "resume": "resumed", "delete": "deleted"}[action]
+    console.print(f"{done} {n} schedule(s) of {deployment}", highlight=False)
+
+
+SCHEDULE_ID = typer.Option(None, "--id", help="only this schedule (an id prefix from `schedule list`)")
+
+
+@schedule_app.command("pause")
+def schedule_pause(deployment: str, schedule_id: Optional[str] = SCHEDULE_ID):
+    """Stop scheduling runs (the schedule is kept)."""
+    _schedule_action("pause", deployment, schedule_id)
+
+
+@schedule_app.command("resume")
+def schedule_resume(deployment: str, schedule_id: Optional[str] = SCHEDULE_ID):
+    """Schedule runs again."""
+    _schedule_action("resume", deployment, schedule_id)
+
+
+@schedule_app.command("delete")
+def schedule_delete(deployment: str, schedule_id: Optional[str] = SCHEDULE_ID):
+    """Remove the schedules (and the runs they had scheduled)."""
+    _schedule_action("delete", deployment, schedule_id)
+
+
 # ---- status --------------------------------------------------------------------------------------------------
 KEY_STATS = ("files_ok", "documents", "vocab_size", "bytes_per_token", "train_tokens", "val_loss", "val_bpb",
              "unigram_entropy", "val_assistant_loss_base", "val_assistant_loss", "val_accuracy",
-             "val_reward_before", "val_reward_after", "val_accuracy_before", "val_accuracy_after", "hellaswag_acc", "gsm8k_acc", "reward_mean",
-             "win_rate_vs_sft")
+             "val_reward_before", "val_reward_after", "val_accuracy_before", "val_accuracy_after", "hellaswag_acc",
+             "gsm8k_acc", "reward_mean", "win_rate_vs_sft")
 
 
 @app.command()
@@ -268,10 +450,20 @@ def generate(ref: str = typer.Argument(..., metavar="ARTIFACT"), prompt: str = t
 
 
 def main():
+    # typer's standalone mode turns typer.Exit into an exit code inside app(); errors raised by a command that
+    # did not catch them arrive here instead, outside it, so exit directly.
     try:
         app()
     except (StageError, ArtifactError) as e:
-        _fail(str(e))
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise SystemExit(1)
+    except httpx.HTTPStatusError as e:  # Prefect's client raises these; 401 is the one a user can fix here
+        if e.response.status_code != 401:
+            raise
+        console.print(f"[bold red]error:[/] the Prefect server at {e.request.url.host}:{e.request.url.port} "
+                      f"refused the credentials (401): set PREFECT_API_AUTH_STRING=user:password to the "
+                      f"server's PREFECT_SERVER_API_AUTH_STRING", highlight=False, soft_wrap=True)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
