@@ -6,7 +6,9 @@ every record's WARC-Block-Digest checked with sha1, sha256 of every file) divide
 faults, run in its own process (so that it does not share a GIL with our side). Both sides use the same number of
 parallel connections (--workers). Rounds alternate, the side that goes first switches every round, and the ratio is
 taken between the median throughputs. Every file is checked to be byte-identical on both sides. A third row times
-download.run reading the same folder directly (no HTTP), which is the cost of verification on its own.
+download.run reading the same folder directly (no HTTP), which is the cost of verification on its own. A last line
+gives verification's CPU cost alone (cc_fetch.verify on one thread, CPU seconds, so it does not depend on how busy the
+machine is): on a shared machine the wall-clock rows measure the CPU this process gets as much as the code.
 
 Data: a temporary Common-Crawl-layout mirror holding the 5 bundled WARCs of data/tiny-cc plus --copies copies of
 the biggest one (zyte-aeb-part1.warc.gz, 4.3 MB, 121 records of ~180 kB each decompressed).
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from ccserver import CCServer  # noqa: E402
-from stages import download  # noqa: E402
+from stages import cc_fetch, download  # noqa: E402
 from stages.artifacts import Artifact  # noqa: E402
 
 TINY = ROOT / "data" / "tiny-cc"
@@ -102,6 +104,17 @@ def curl(url: str, paths: list[str], out: Path, workers: int) -> float:
     return time.perf_counter() - t0
 
 
+def verify_cpu(paths: list[Path]) -> float:
+    """MB of .warc.gz per CPU-second that cc_fetch.verify checks on one thread (the files are read first)."""
+    data = [p.read_bytes() for p in paths]
+    t0 = time.process_time()
+    for blob in data:
+        chunks = (blob[i: i + cc_fetch.CHUNK] for i in range(0, len(blob), cc_fetch.CHUNK))
+        counts = cc_fetch.verify(cc_fetch.WarcStream(chunks))
+        assert counts["records"] > 0, counts
+    return sum(map(len, data)) / 1e6 / (time.process_time() - t0)
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -134,6 +147,7 @@ def main(argv=None) -> int:
             for r in range(args.rounds):
                 for name in (order if r % 2 == 0 else order[::-1]):
                     mbps[name].append(total_mb / sides[name]())
+            cpu = statistics.median(verify_cpu([tmp / "mirror" / p for p in paths]) for _ in range(args.rounds))
             identical = sum(sha256(tmp / "ours" / "warc" / p) == sha256(tmp / "curl" / "warc" / p) for p in paths)
         finally:
             server.terminate()
@@ -148,6 +162,7 @@ def main(argv=None) -> int:
     for name, v in mbps.items():
         print(f"{name:<9} {med[name]:>12.1f} {min(v):>8.1f} {max(v):>8.1f}")
     print("download: HTTP + verification; curl: HTTP only; local: download.run on the folder (verification only)")
+    print(f"verification alone: {cpu:.1f} MB/s of .warc.gz per CPU-second (one thread; median of {args.rounds})")
     print(f"files byte-identical on both sides: {identical}/{len(paths)}")
     return 0
 

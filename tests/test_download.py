@@ -17,7 +17,7 @@ import pytest
 from warcio.archiveiterator import ArchiveIterator
 
 from ccserver import FAULTS, CCServer
-from stages import download
+from stages import cc_fetch, download
 from stages.artifacts import Artifact, ArtifactStore, sha256_file
 from stages.common import StageError, build
 
@@ -254,27 +254,29 @@ def test_sample_keeps_whole_members_of_the_first_megabytes(mirror, tmp_path):
 
 
 def test_stream_cuts_at_members_whatever_the_chunks(monkeypatch):
-    """WarcStream on ragged chunks (1-byte first chunks split the gzip magic), with zlib and with the inflater in
-    use (ISA-L when installed): the same member boundary, records and digests."""
+    """WarcStream on ragged chunks (1-byte first chunks split the gzip magic; then chunks smaller than a member, and
+    chunks of several inflate slices), with zlib and with the inflater in use (ISA-L when installed): the same member
+    boundary, records and digests."""
     data = (TINY / ZYTE).read_bytes()[:1_000_000]
     ends = set(itertools.accumulate(map(len, members((TINY / ZYTE).read_bytes()))))
 
-    def ragged():
+    def ragged(step: int):
         yield data[:1]
         yield data[1:2]
-        for i in range(2, len(data), 7919):  # a prime, so chunks and members never line up
-            yield data[i: i + 7919]
+        for i in range(2, len(data), step):
+            yield data[i: i + step]
 
     results = []
-    for inflater in (zlib, download.inflate):
-        monkeypatch.setattr(download, "inflate", inflater)
-        stream = download.WarcStream(ragged())
-        results.append((download.verify(stream), stream.whole, stream.size))
-    assert results[0] == results[1]
+    for step in (7919, 200_003):  # primes, so chunks, slices and members never line up; 200_003 > 3 x INFLATE_SLICE
+        for inflater in (zlib, cc_fetch.inflate):
+            monkeypatch.setattr(cc_fetch, "inflate", inflater)
+            stream = cc_fetch.WarcStream(ragged(step))
+            results.append((cc_fetch.verify(stream), stream.whole, stream.size))
+    assert results[0] == results[1] == results[2] == results[3]
     counts, whole, size = results[0]
     assert whole in ends and size - whole < 20_000 and counts["digests_verified"] == counts["records"] > 10
-    with pytest.raises(download.CorruptError, match="not gzip"):
-        download.verify(download.WarcStream(iter([b"\x1f", b"<?xml"])))
+    with pytest.raises(cc_fetch.CorruptError, match="not gzip"):
+        cc_fetch.verify(cc_fetch.WarcStream(iter([b"\x1f", b"<?xml"])))
 
 
 def test_latest_crawl_from_collinfo(mirror, tmp_path):
