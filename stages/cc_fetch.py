@@ -35,7 +35,7 @@ except ImportError:  # optional: `pip install isal`; zlib gives the same bytes, 
     inflate = zlib
 
 from stages.artifacts import sha256_file
-from stages.common import StageError
+from stages.common import StageError, progress
 
 if TYPE_CHECKING:  # the stage's Config: retries, backoff_s, timeout_s, sample_mb, source
     from stages.download import Config
@@ -382,6 +382,7 @@ class Progress:
             self.sized += size > 0
             self.done_bytes += size
             self._log(f"; {what} {rel}")
+            progress(self.done, self.files, "files")
 
     def rate(self) -> float:
         return self.bytes / max(time.monotonic() - self.t0, 1e-9)

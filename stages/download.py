@@ -72,6 +72,9 @@ class Config:
     num_files: int | None = None
     fraction: float = 0.0  # instead of num_files: this share of the listing (at least 1 file); 0 = unused
     seed: int = 0  # which files: same seed, same files
+    # Exactly these listing paths instead of a selection (each must be in the crawl's listing): how a data refresh
+    # (flows/data_refresh.py) asks for the files no dataset version holds yet.
+    files: tuple[str, ...] = ()
     sample_mb: float = 0.0  # > 0: only the whole gzip members in the first sample_mb MB (1e6 bytes) of each WARC
     retries: int = 5  # attempts per file after a failure; an attempt that got new bytes does not count
     backoff_s: float = 2.0  # before retry k, wait a random time in [0, backoff_s * 2**k] (capped at 60 s)
@@ -89,6 +92,8 @@ class Config:
             raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
         if self.fraction and self.num_files is not None:
             raise ValueError("num_files and fraction are exclusive: set num_files=none to use fraction")
+        if self.files and (self.num_files is not None or self.fraction):
+            raise ValueError("files names the WARC files itself: leave num_files and fraction unset")
         if self.sample_mb < 0:
             raise ValueError(f"sample_mb must be 0 (whole files) or more, got {self.sample_mb}")
         if self.retries < 0:
@@ -170,7 +175,14 @@ def run(cfg: Config, *inputs: Artifact, out: Artifact) -> dict:
         raise StageError(f"download takes no input artifacts, got {[a.ref for a in inputs]}")
     crawl = resolve_crawl(cfg)
     paths, rejected = read_listing(cfg, crawl)
-    chosen = pick(paths, how_many(cfg, len(paths)), cfg.seed)
+    if cfg.files:
+        missing = sorted(set(cfg.files) - set(paths))
+        if missing:
+            raise StageError(f"{len(missing)} of the requested files are not in the {crawl} listing at {cfg.source}, "
+                             f"e.g. {missing[0]}: name files from `warc.paths.gz`, or leave `files` empty to select")
+        chosen = sorted(cfg.files)
+    else:
+        chosen = pick(paths, how_many(cfg, len(paths)), cfg.seed)
     log.info("download: %d of %d listed WARC files of %s from %s (%d lines rejected)%s", len(chosen), len(paths),
              crawl, cfg.source, sum(rejected.values()), f", first {cfg.sample_mb} MB of each" if cfg.sample_mb else "")
     warc_dir = out.path / "warc"

@@ -414,3 +414,16 @@ def test_config_validation():
         download.Config(sample_mb=-1)
     with pytest.raises(StageError, match="warc.paths.gz"):
         download.run(download.Config(source="/nonexistent/mirror"), out=Artifact("download", "x", Path("/tmp")))
+
+
+def test_named_files_must_be_in_the_listing(mirror, tmp_path):
+    listed = download.read_listing(download.Config(source=str(mirror), crawl=CRAWL), CRAWL)[0]
+    out = Artifact(download.NAME, "named", tmp_path / "named")
+    out.path.mkdir()
+    stats = download.run(download.Config(source=str(mirror), crawl=CRAWL, files=(listed[-1],)), out=out)
+    assert stats["files_ok"] == 1 and [p.name for p in (out.path / "warc").rglob("*.warc.gz")] == [Path(listed[-1]).name]
+    with pytest.raises(StageError, match="not in the .* listing"):
+        download.run(download.Config(source=str(mirror), crawl=CRAWL, files=(listed[0].replace(".warc", "-x.warc"),)),
+                     out=Artifact(download.NAME, "bad", tmp_path / "bad"))
+    with pytest.raises(ValueError, match="leave num_files and fraction unset"):
+        download.Config(files=(listed[0],), num_files=2)
