@@ -15,12 +15,23 @@ from prefect import flow
 
 from flows import presets
 from flows.tasks import run_stage
-from stages import (download, evaluate, extract, pretrain, reward_model, rl, sft, tokenize_shards,
+from stages import (download, evaluate, extract, import_data, pretrain, reward_model, rl, sft, tokenize_shards,
                     train_tokenizer)
 
 
 class _Until(Exception):
     """Raised after the stage named by --until: the flow stops there on purpose."""
+
+
+def rl_inputs(cfg: rl.Config, reward, preferences, problems) -> list:
+    """What rl reads after the chat model (it sorts them by stage and kind): DPO learns from the pairs alone;
+    RLHF scores replies to the pairs' prompts with the reward model; the verifier checks the problems' answers
+    (without problems, its seeded arithmetic)."""
+    if cfg.method == "dpo":
+        return [preferences]
+    if cfg.reward == "reward_model":
+        return [reward, preferences]
+    return [problems] if problems else []
 
 
 @flow(name="crawl2chat", flow_run_name="{preset}", validate_parameters=False)
@@ -29,12 +40,16 @@ def end_to_end(preset: str = "tiny", overrides: list[str] = (), source: str | No
     cfg = presets.load(preset, list(overrides), source)
     built: list[str] = []
 
-    def stage(module, *inputs):
-        art = run_stage(module, cfg.stage(module.NAME), list(inputs), root)
+    def stage(module, *inputs, slot: str | None = None):
+        """slot: the PipelineConfig field of a stage that runs with several configs (the imports)."""
+        art = run_stage(module, cfg.stage(slot or module.NAME), list(inputs), root, slot)
         built.append(art.ref)
-        if module.NAME == until:
+        if until and until in (module.NAME, slot):
             raise _Until
         return art
+
+    def importing(kind: str):
+        return stage(import_data, slot=kind) if cfg.stage(kind).source else None
 
     try:
         warcs = stage(download)                          # Common Crawl listing -> WARC files
@@ -43,11 +58,13 @@ def end_to_end(preset: str = "tiny", overrides: list[str] = (), source: str | No
         shards = stage(tokenize_shards, docs, tokenizer)  # documents -> token shards (Arrow)
         base = stage(pretrain, shards, tokenizer)        # base model (DeepSpeed)
         card = stage(evaluate, base, shards)             # bits per byte, HellaSwag
-        chat = stage(sft, base)                          # chat model: conversations, assistant-token loss
-        reward = stage(reward_model, chat)               # Bradley-Terry on human preference pairs
+        conversations = importing("conversations")      # JSONL files or URLs -> versioned records,
+        preferences = importing("preferences")          # malformed lines counted by line number
+        problems = importing("problems")                # none by default: rl draws seeded arithmetic
+        chat = stage(sft, base, conversations)           # chat model: packed conversations, assistant-token loss
+        reward = stage(reward_model, chat, preferences)  # Bradley-Terry on human preference pairs
         card = stage(evaluate, chat, reward, card)       # + GSM8K, reward-model score
-        judge = [reward] if cfg.rl.reward == "reward_model" else []  # RLHF, or rl.reward=verifier (math)
-        assistant = stage(rl, chat, *judge)              # GRPO, KL penalty to the chat model
+        assistant = stage(rl, chat, *rl_inputs(cfg.rl, reward, preferences, problems))  # GRPO/PPO/DPO, KL-bound
         stage(evaluate, assistant, reward, chat, card)   # + win rate against the chat model: the report card
     except _Until:
         pass

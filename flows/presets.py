@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from stages import (download, evaluate, extract, pretrain, reward_model, rl, sft, tokenize_shards,
+from stages import (download, evaluate, extract, import_data, pretrain, reward_model, rl, sft, tokenize_shards,
                     train_tokenizer)
 from stages.common import StageError, apply_overrides, parse_assignment
 
@@ -22,8 +22,26 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
 
 # The DAG's stages in order; flows/pipeline.py wires their inputs.
-STAGES = {m.NAME: m for m in (download, extract, train_tokenizer, tokenize_shards, pretrain, sft, reward_model, rl,
-                              evaluate)}
+STAGES = {m.NAME: m for m in (download, extract, train_tokenizer, tokenize_shards, pretrain, import_data, sft,
+                              reward_model, rl, evaluate)}
+# The imports run three times, once per kind of data, each with a config slot of its own in PipelineConfig
+# (`--set preferences.source=...`) and a store alias named after the slot (import_data/preferences).
+IMPORTS = import_data.KINDS
+
+
+def slot_module(slot: str):
+    """The stage module that a PipelineConfig slot configures: import_data for the three imports."""
+    return import_data if slot in IMPORTS else STAGES[slot]
+
+
+def slot_alias(slot: str) -> tuple[str, str]:
+    """(stage, alias) under which the pipeline records a slot's newest artifact: `latest` for a stage that runs
+    with one config, the slot's name for the imports (so three imports never share one alias)."""
+    return (import_data.NAME, slot) if slot in IMPORTS else (slot, "latest")
+
+
+def _import(kind: str):
+    return field(default_factory=lambda: import_data.Config(kind=kind, source=import_data.DEFAULT_SOURCES[kind]))
 
 
 @dataclass(frozen=True)
@@ -34,9 +52,14 @@ class PipelineConfig:
     train_tokenizer: train_tokenizer.Config = field(default_factory=train_tokenizer.Config)
     tokenize_shards: tokenize_shards.Config = field(default_factory=tokenize_shards.Config)
     pretrain: pretrain.Config = field(default_factory=pretrain.Config)
-    sft: sft.Config = field(default_factory=lambda: sft.Config(data=str(DATA / "conversations/hh-rlhf-dialogues.800.jsonl")))
-    reward_model: reward_model.Config = field(default_factory=lambda: reward_model.Config(data=str(DATA / "preferences/hh-rlhf-pairs.800.jsonl")))
-    rl: rl.Config = field(default_factory=lambda: rl.Config(prompts=str(DATA / "preferences/hh-rlhf-pairs.800.jsonl")))
+    # The imports: the bundled samples (data/README.md). No problems are bundled, so rl's verifier draws seeded
+    # arithmetic unless `--set problems.source=PATH_OR_URL` names a GSM8K-style file to import.
+    conversations: import_data.Config = _import("conversations")
+    preferences: import_data.Config = _import("preferences")
+    problems: import_data.Config = _import("problems")
+    sft: sft.Config = field(default_factory=sft.Config)
+    reward_model: reward_model.Config = field(default_factory=reward_model.Config)
+    rl: rl.Config = field(default_factory=rl.Config)
     evaluate: evaluate.Config = field(default_factory=evaluate.Config)
 
     def stage(self, name: str):
@@ -91,6 +114,8 @@ def d20() -> PipelineConfig:
 
 
 PRESETS = {"tiny": tiny, "small": small, "d20": d20}
+# What `--set slot.field=value` can name: every stage but import_data, which is set per kind.
+SLOTS = [f.name for f in dataclasses.fields(PipelineConfig) if f.name != "preset"]
 
 
 def load(preset: str, overrides: list[str] = (), source: str | None = None) -> PipelineConfig:
@@ -103,11 +128,11 @@ def load(preset: str, overrides: list[str] = (), source: str | None = None) -> P
     per_stage: dict[str, dict[str, str]] = {}
     for text in overrides:
         key, value = parse_assignment(text)
-        stage, dot, fld = key.partition(".")
-        if not dot or stage not in STAGES:
+        slot, dot, fld = key.partition(".")
+        if not dot or slot not in SLOTS:
             raise StageError(f"override '{text}' must name a stage: stage.field=value with stage one of "
-                             f"{', '.join(STAGES)}")
-        per_stage.setdefault(stage, {})[fld] = value
+                             f"{', '.join(SLOTS)}")
+        per_stage.setdefault(slot, {})[fld] = value
     return replace(cfg, **{s: apply_overrides(cfg.stage(s), o, s) for s, o in per_stage.items()})
 
 

@@ -20,6 +20,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.runtime import task_run  # noqa: E402
 
 from stages.artifacts import Artifact, ArtifactStore  # noqa: E402
 from stages.common import build  # noqa: E402
@@ -48,16 +49,26 @@ def stats_markdown(stage: str, art: Artifact, reused: bool, stats: dict) -> str:
     return "\n".join(lines)
 
 
-@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="{stage.NAME}")
-def run_stage(stage: types.ModuleType, cfg, inputs: list[Artifact], root: str) -> Artifact:
+def _task_run_name() -> str:
+    params = task_run.parameters
+    return params.get("label") or params["stage"].NAME
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name=_task_run_name)
+def run_stage(stage: types.ModuleType, cfg, inputs: list[Artifact], root: str, label: str | None = None) -> Artifact:
+    """label names this use of a stage that the DAG runs with several configs (import_data: its slot in
+    PipelineConfig, e.g. conversations): the task run, the Prefect artifact key and the store alias take it, so
+    the three imports each keep an alias (import_data/conversations) instead of overwriting one `latest`.
+    Without a label they take the stage's name and the alias is `latest`."""
     store = ArtifactStore(root)
     result = build(stage, cfg, inputs, store)
-    store.set_alias(stage.NAME, "latest", result.artifact.version)
+    store.set_alias(stage.NAME, label or "latest", result.artifact.version)
+    name = label or stage.NAME
     get_run_logger().info("%s %s", "reused" if result.reused else "built", result.artifact.ref)
-    create_markdown_artifact(key=stage.NAME.replace("_", "-"),
-                             markdown=stats_markdown(stage.NAME, result.artifact, result.reused, result.stats),
-                             description=f"{stage.NAME} {result.artifact.version}")
+    key = name.replace("_", "-")  # Prefect artifact keys allow lowercase letters, digits and dashes
+    create_markdown_artifact(key=key, markdown=stats_markdown(name, result.artifact, result.reused, result.stats),
+                             description=f"{name} {result.artifact.ref}")
     if result.stats.get("curve"):  # training stages: the loss curve (about 100 evenly spaced steps)
-        create_table_artifact(key=f"{stage.NAME.replace('_', '-')}-loss-curve", table=result.stats["curve"],
-                              description=f"{stage.NAME} {result.artifact.version}: loss per optimizer step")
+        create_table_artifact(key=f"{key}-loss-curve", table=result.stats["curve"],
+                              description=f"{name} {result.artifact.version}: loss per optimizer step")
     return result.artifact

@@ -1,54 +1,47 @@
 """Supervised fine-tuning: base model + conversations -> chat model, loss on assistant tokens only.
 
-    python -m stages.sft --root artifacts --input pretrain \
-        --set data=data/conversations/hh-rlhf-dialogues.800.jsonl --set steps=100
+    python -m stages.sft --root artifacts --input pretrain --input import_data/conversations --set steps=100
 
-Conversations are JSONL lines `{"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}`,
-encoded with the one chat format of stages/lm/chat.py and truncated to the model's context. A deterministic
-held-out part measures the assistant-token loss of the base model before training and of the chat model
-after, so the manifest shows what SFT bought. A crash resumes from the newest checkpoint.
+The conversations come from an import_data artifact (kind conversations), encoded with the one chat format of
+stages/lm/chat.py and truncated to the model's context. Training packs several conversations into each row of
+seq_len tokens (best-fit, stages/lm/examples.pack) so little compute goes to padding; each keeps its own
+assistant-only loss mask. Packed conversations are not masked from each other: each one opens with <|bos|>, as
+documents do in pre-training, and a block-diagonal attention mask would push SDPA off its flash kernel onto a
+dense (B, 1, T, T) mask (the held-out loss is measured one conversation per row, so it shows any harm). A
+deterministic held-out part measures the assistant-token loss of the base model before training and of the
+chat model after, so the manifest shows what SFT bought. A crash resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass
 
 import torch
 
+from stages import import_data
 from stages.artifacts import Artifact
 from stages.common import main
 from stages.lm import trainer
-from stages.lm.chat import ROLES, ChatTokenizer
+from stages.lm.chat import ChatTokenizer
 from stages.lm.checkpoint import TOKENIZER, load_model, save_model
-from stages.lm.examples import ExampleLoader, pad_batch, read_jsonl, split_heldout
+from stages.lm.examples import ExampleLoader, pack, pad_batch, real_fraction, split_heldout
 
 NAME = "sft"
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: conversations from an import_data artifact; packed rows
 
 
 @dataclass(frozen=True)
 class Config(trainer.TrainConfig):
-    data: str = "data/conversations/hh-rlhf-dialogues.800.jsonl"  # JSONL of {"messages": [...]}
+    pack: bool = True             # several conversations per row (False: one per row, padded to the batch's longest)
     val_fraction: float = 0.05    # held-out conversations for the assistant-token loss
     steps: int = 300
-    micro_batch_size: int = 8
+    micro_batch_size: int = 8     # rows per micro-batch (a packed row holds one or more conversations)
     lr: float = 1e-4              # lower than pre-training: adapt, don't overwrite
     warmup_steps: int = 20
     max_val: int = 200            # held-out conversations evaluated (bounds eval time)
-
-
-def check_conversation(rec: dict) -> str | None:
-    msgs = rec.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        return "no 'messages' list"
-    for m in msgs:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            return f"a message is not {{role: {'|'.join(ROLES)}, content: str}}"
-    if not any(m["role"] == "assistant" for m in msgs):
-        return "no assistant turn to learn from"
-    return None
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad: int):
@@ -72,33 +65,47 @@ def assistant_loss(model, examples, pad: int, batch_size: int = 8) -> float:
     return nats / max(n, 1)
 
 
-def run(cfg: Config, base: Artifact, *, out: Artifact) -> dict:
+def run(cfg: Config, base: Artifact, conversations: Artifact, *, out: Artifact) -> dict:
+    records = import_data.load_records(conversations, "conversations")
     model, meta, _ = load_model(base.path)
     tok = ChatTokenizer(base.path / TOKENIZER)
-    records, malformed = read_jsonl(cfg.data, check_conversation)
-    encoded = [tok.encode_conversation(r["messages"], max_len=model.cfg.seq_len + 1) for r in records]
+    row_len = model.cfg.seq_len + 1  # a row gives seq_len inputs and seq_len shifted targets
+    encoded = [tok.encode_conversation(r["messages"], max_len=row_len) for r in records]
     encoded = [e for e in encoded if sum(e[1][1:]) > 0]  # truncation can cut every assistant token
     train, val = split_heldout(encoded, cfg.val_fraction, cfg.seed)
     val = val[:cfg.max_val]
     base_loss = assistant_loss(model, val, tok.pad)
 
+    rows = pack(train, row_len) if cfg.pack else train
+    # compute spent on real tokens (inputs, so each sequence's length - 1), as trained and as padding alone would
+    fraction = real_fraction([len(ids) - 1 for ids, _ in rows], cfg.micro_batch_size, cfg.seed)
+    fraction_unpacked = real_fraction([len(ids) - 1 for ids, _ in train], cfg.micro_batch_size, cfg.seed)
     torch.manual_seed(cfg.seed)
     engine = trainer.make_engine(model, cfg)
-    loader = ExampleLoader(train, cfg.micro_batch_size, cfg.seed, lambda b: collate(b, tok.pad))
+    # Several ranks (stages/lm/launch.py): each trains on its own rows of every step; rank 0 writes the outputs.
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    loader = ExampleLoader(rows, cfg.micro_batch_size, cfg.seed, lambda b: collate(b, tok.pad), rank, world)
 
     def loss_fn(eng, batch):
         x, y = batch
         return eng(x.to(eng.device), y.to(eng.device))
 
     history = trainer.fit(engine, cfg, cfg.steps, loader, loss_fn, out.path / "checkpoints")
-    chat_loss = assistant_loss(engine.module, val, tok.pad)
-    save_model(engine.module, out.path, base.path / TOKENIZER,
-               {"stage": NAME, "tokenizer_sha256": meta["tokenizer_sha256"]})
-    shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+    chat_loss = assistant_loss(engine.module, val, tok.pad)  # every rank: ZeRO-3 gathers weights collectively
+    with trainer.whole_params(engine.module):
+        if rank == 0:
+            save_model(engine.module, out.path, base.path / TOKENIZER,
+                       {"stage": NAME, "tokenizer_sha256": meta["tokenizer_sha256"]})
+    if rank == 0:
+        shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
     return {
         "conversations": len(records),
-        "malformed": {"count": len(malformed), "lines": malformed[:50]},
+        "truncated": sum(len(ids) == row_len for ids, _ in encoded),
         "train_conversations": len(train),
+        "train_rows": len(rows),
+        "world_size": world,
+        "real_token_fraction": fraction,
+        "real_token_fraction_unpacked": fraction_unpacked,
         "val_conversations": len(val),
         "val_assistant_loss_base": base_loss,
         "val_assistant_loss": chat_loss,

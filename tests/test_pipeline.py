@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.presets import STAGES
+from flows.presets import SLOTS, STAGES, slot_alias
 from stages.artifacts import ArtifactStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,14 +59,25 @@ def first_run(source, env):
     return ArtifactStore(env["CRAWL2CHAT_ROOT"])
 
 
-def stats(store: ArtifactStore, stage: str) -> dict:
-    return store.manifest(stage, store.read_alias(stage, "latest"))["stats"]
+# The slots the tiny preset runs: every stage, the imports once per kind, except problems (none bundled).
+RUN = [s for s in SLOTS if s != "problems"]
+RUNS_PER_STAGE = {"evaluate": 3, "import_data": 2}  # evaluate after pretrain, sft and rl; conversations + pairs
+
+
+def latest(store: ArtifactStore, slot: str) -> str:
+    return store.read_alias(*slot_alias(slot))
+
+
+def stats(store: ArtifactStore, slot: str) -> dict:
+    return store.manifest(slot_alias(slot)[0], latest(store, slot))["stats"]
 
 
 def test_every_stage_committed_with_its_numbers(first_run):
     store = first_run
-    for stage in STAGES:  # evaluate runs after pretrain, sft and rl
-        assert len(store.versions(stage)) == (3 if stage == "evaluate" else 1), stage
+    for stage in STAGES:
+        assert len(store.versions(stage)) == RUNS_PER_STAGE.get(stage, 1), stage
+    assert stats(store, "conversations")["valid"] == 800 and stats(store, "preferences")["malformed"] == 1
+    assert store.read_alias("import_data", "latest") is None  # the imports keep one alias per kind instead
     bad = stats(store, "download")["bad_files"]
     assert [b["path"] for b in bad] == [CORRUPT]
     assert stats(store, "extract")["documents"] > 50
@@ -74,6 +85,9 @@ def test_every_stage_committed_with_its_numbers(first_run):
     assert base["val_loss"] < base["unigram_entropy"]  # learned more than token frequencies
     chat = stats(store, "sft")
     assert chat["val_assistant_loss"] < chat["val_assistant_loss_base"]
+    assert chat["conversations"] == 800 and chat["real_token_fraction"] > chat["real_token_fraction_unpacked"]
+    sft_inputs = store.manifest("sft", latest(store, "sft"))["inputs"]
+    assert {"stage": "import_data", "version": latest(store, "conversations")} in sft_inputs
     assert 0 <= stats(store, "reward_model")["val_accuracy"] <= 1
     rl = stats(store, "rl")
     assert {"val_reward_before", "val_reward_after", "val_kl_to_reference"} <= rl.keys()
@@ -104,8 +118,8 @@ def test_each_stage_published_its_stats_to_prefect(first_run, env):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     published = json.loads(result.stdout.strip().splitlines()[-1])
-    for stage in STAGES:  # evaluate publishes under one key three times (base, chat, assistant)
-        assert any(first_run.read_alias(stage, "latest") in md for md in published[stage.replace("_", "-")])
+    for slot in RUN:  # evaluate publishes under one key three times (base, chat, assistant); imports by kind
+        assert any(latest(first_run, slot) in md for md in published[slot.replace("_", "-")])
     assert "val_loss" in published["pretrain"][0] and "bad_files" in published["download"][0]
     curve = json.loads(published["pretrain-loss-curve"][0])  # the loss curve, as a table
     assert curve[-1]["step"] == stats(first_run, "pretrain")["steps"] and "loss" in curve[0]
@@ -123,15 +137,15 @@ def test_lineage_reaches_the_warc_files(first_run, env):
 
 def test_second_run_reuses_everything_and_a_changed_setting_rebuilds_downstream_only(first_run, source, env):
     store = first_run
-    before = {s: store.read_alias(s, "latest") for s in STAGES}
+    before = {s: latest(store, s) for s in RUN}
     again = crawl2chat("run", "--preset", "tiny", "--source", str(source), env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert {s: store.read_alias(s, "latest") for s in STAGES} == before
-    assert all(len(store.versions(s)) == (3 if s == "evaluate" else 1) for s in STAGES)  # nothing rebuilt
+    assert {s: latest(store, s) for s in RUN} == before
+    assert all(len(store.versions(s)) == RUNS_PER_STAGE.get(s, 1) for s in STAGES)  # nothing rebuilt
 
     changed = crawl2chat("run", "--preset", "tiny", "--source", str(source), "--set", "rl.kl_coef=0.1", env=env)
     assert changed.returncode == 0, changed.stderr[-3000:]
-    after = {s: store.read_alias(s, "latest") for s in STAGES}
+    after = {s: latest(store, s) for s in RUN}
     downstream = ("rl", "evaluate")  # rl and the evaluation of its model
     assert {s: v for s, v in after.items() if s not in downstream} == \
         {s: v for s, v in before.items() if s not in downstream}

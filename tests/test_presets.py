@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from flows import presets
-from flows.presets import PRESETS, STAGES, PipelineConfig, load
+from flows.presets import PRESETS, SLOTS, STAGES, PipelineConfig, load, slot_alias, slot_module
 from stages.artifacts import canonical_json, plan_version
 from stages.common import StageError
 
 REPO = Path(__file__).resolve().parent.parent
-ORDER = ["download", "extract", "train_tokenizer", "tokenize_shards", "pretrain", "sft", "reward_model", "rl", "evaluate"]
+ORDER = ["download", "extract", "train_tokenizer", "tokenize_shards", "pretrain", "import_data", "sft", "reward_model",
+         "rl", "evaluate"]
+IMPORTS = ["conversations", "preferences", "problems"]
 
 
 def test_stages_in_dag_order():
@@ -24,7 +27,10 @@ def test_stages_in_dag_order():
         assert isinstance(mod.CODE_VERSION, (int, str))
         assert dataclasses.is_dataclass(mod.Config) and callable(mod.run)
         assert mod.Config.__dataclass_params__.frozen, f"{name}.Config must be frozen"
-        assert PipelineConfig.__dataclass_fields__[name]  # every stage has a slot in the pipeline config
+    # every stage has a slot in the pipeline config: its own name, or one per kind for the imports
+    assert SLOTS == ORDER[:5] + IMPORTS + ORDER[6:]
+    assert {slot_module(s).NAME for s in SLOTS} == set(STAGES)
+    assert [slot_alias(s) for s in ("sft", "preferences")] == [("sft", "latest"), ("import_data", "preferences")]
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -32,11 +38,12 @@ def test_preset_builds_and_validates(name):
     cfg = load(name)
     assert isinstance(cfg, PipelineConfig) and cfg.preset == name
     assert cfg == PRESETS[name]()  # deterministic
-    for stage, mod in STAGES.items():
+    for stage in SLOTS:
+        mod = slot_module(stage)
         sc = cfg.stage(stage)
         assert isinstance(sc, mod.Config), stage
         # re-construct from its fields: __post_init__ validation runs again and accepts it
-        again = mod.Config(**{f.name: getattr(sc, f.name) for f in dataclasses.fields(sc)})
+        again = mod.Config(**{f.name: getattr(sc, f.name) for f in dataclasses.fields(sc) if f.init})
         assert again == sc
         # its config is JSON (it goes into manifests and versions) and gives a stable version
         d = dataclasses.asdict(sc)
@@ -47,10 +54,14 @@ def test_preset_builds_and_validates(name):
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_preset_data_files_exist(name):
+    """The imports default to the samples bundled in data/ (the repo works without ../shared), hashed into the
+    config so their versions follow their content; no problems are bundled (rl then draws arithmetic)."""
     cfg = load(name)
-    assert Path(cfg.sft.data).is_file()
-    assert Path(cfg.reward_model.data).is_file()
-    assert Path(cfg.rl.prompts).is_file()
+    for kind in ("conversations", "preferences"):
+        src = Path(cfg.stage(kind).source)
+        assert cfg.stage(kind).kind == kind and src.is_file() and src.resolve().is_relative_to(REPO / "data")
+        assert cfg.stage(kind).source_sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert cfg.problems.kind == "problems" and cfg.problems.source == ""
 
 
 def test_tiny_is_local_and_small():
@@ -88,12 +99,25 @@ def test_overrides_apply(name):
     assert load(name) == base  # presets are rebuilt, overrides do not leak
 
 
-def test_override_changes_only_downstream_versions():
-    a, b = load("tiny"), load("tiny", ["pretrain.depth=3"])
-    for stage, mod in STAGES.items():
-        va = plan_version(stage, mod.CODE_VERSION, dataclasses.asdict(a.stage(stage)), [])
-        vb = plan_version(stage, mod.CODE_VERSION, dataclasses.asdict(b.stage(stage)), [])
-        assert (va != vb) == (stage == "pretrain"), stage
+@pytest.mark.parametrize("override,changed", [("pretrain.depth=3", "pretrain"),
+                                               ("preferences.source=data/conversations/hh-rlhf-dialogues.800.jsonl",
+                                                "preferences")])
+def test_override_changes_only_that_slots_version(override, changed):
+    a, b = load("tiny"), load("tiny", [override])
+    for stage in SLOTS:
+        mod = slot_module(stage)
+        va = plan_version(mod.NAME, mod.CODE_VERSION, dataclasses.asdict(a.stage(stage)), [])
+        vb = plan_version(mod.NAME, mod.CODE_VERSION, dataclasses.asdict(b.stage(stage)), [])
+        assert (va != vb) == (stage == changed), stage
+
+
+def test_an_import_source_can_be_set_per_kind(tmp_path):
+    src = tmp_path / "problems.jsonl"
+    src.write_text('{"question": "What is 1 + 1?", "answer": "#### 2"}\n')
+    cfg = load("tiny", [f"problems.source={src}"])
+    assert cfg.problems.source == str(src) and cfg.problems.kind == "problems"
+    assert cfg.problems.source_sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert cfg.conversations == load("tiny").conversations
 
 
 @pytest.mark.parametrize("preset,overrides,source,says", [
@@ -105,6 +129,8 @@ def test_override_changes_only_downstream_versions():
     ("tiny", ["pretrain.depth=abc"], None, ["pretrain.depth", "abc"]),
     ("tiny", ["pretrain.depth=0"], None, ["depth"]),
     ("tiny", ["download.crawl=nope"], None, ["crawl"]),
+    ("tiny", ["conversations.source=/no/such.jsonl"], None, ["conversations", "cannot read source", "/no/such"]),
+    ("tiny", ["import_data.source=x"], None, ["import_data.source=x", "conversations"]),
 ])
 def test_load_errors_name_the_fix(preset, overrides, source, says):
     with pytest.raises(StageError) as e:

@@ -4,6 +4,7 @@ One module-scoped chain docs -> tokenizer -> shards -> base -> chat -> reward mo
 ArtifactStore under tmp, so each DeepSpeed engine (a few seconds to start) is built once.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,13 +13,13 @@ import pytest
 import torch
 
 from docs_fixture import build_shards, train_tokenizer
-from stages import pretrain, reward_model, rl, sft
+from stages import import_data, pretrain, reward_model, rl, sft
 from stages.artifacts import Artifact, sha256_file
 from stages.common import StageError, build
-from stages.lm import trainer
+from stages.lm import launch, trainer
 from stages.lm.chat import ChatTokenizer
 from stages.lm.checkpoint import load_model
-from stages.lm.examples import read_jsonl, split_heldout
+from stages.lm.examples import ExampleLoader, pack, split_heldout
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 CONVERSATIONS = DATA / "conversations" / "hh-rlhf-dialogues.800.jsonl"
@@ -48,29 +49,36 @@ def base(world):
 
 
 @pytest.fixture(scope="module")
-def sft_data(world):
-    """The first 100 real conversations with a blank line and two malformed lines (3 and 61) mixed in."""
-    real = CONVERSATIONS.read_text(encoding="utf-8").splitlines()[:100]
-    lines = real[:2] + ['{"messages": [{"role": "user", "content": "cut off'] + real[2:8] + [""] + real[8:58]
-    lines += ['{"messages": [{"role": "user", "content": "no reply"}]}'] + real[58:]
+def conversations(world):
+    """The first 100 real conversations, imported (stages/import_data.py; its malformed lines are tested there).
+    Half are cut to their first exchange of at most 12 characters a turn (about 20 tokens of the tests' 640-piece
+    vocabulary), so several fit a 64-token row."""
+    convs = [json.loads(line) for line in CONVERSATIONS.read_text(encoding="utf-8").splitlines()[:100]]
+    for c in convs[::2]:
+        c["messages"] = [{"role": m["role"], "content": m["content"][:12]} for m in c["messages"][:2]]
     path = world["tmp"] / "conversations.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    assert lines[2].startswith('{"messages": [{"role": "user", "content": "cut off') and "no reply" in lines[60]
-    return path
+    path.write_text("".join(json.dumps(c) + "\n" for c in convs), encoding="utf-8")
+    return build(import_data, import_data.Config(kind="conversations", source=str(path)), [], world["store"])
 
 
 @pytest.fixture(scope="module")
-def chat(world, base, sft_data):
-    cfg = sft.Config(data=str(sft_data), val_fraction=0.1, steps=30, micro_batch_size=8, lr=2e-3, warmup_steps=3,
-                     precision="fp32")
-    return build(sft, cfg, [base.artifact], world["store"])
+def preferences(world):
+    return build(import_data, import_data.Config(kind="preferences", source=str(PAIRS)), [], world["store"])
+
+
+SFT = sft.Config(val_fraction=0.1, steps=30, micro_batch_size=8, lr=2e-3, warmup_steps=3, precision="fp32")
 
 
 @pytest.fixture(scope="module")
-def rm(world, chat):
-    cfg = reward_model.Config(data=str(PAIRS), val_fraction=0.1, steps=10, micro_batch_size=4, lr=1e-3,
-                              warmup_steps=2, precision="fp32")
-    return build(reward_model, cfg, [chat.artifact], world["store"])
+def chat(world, base, conversations):
+    return build(sft, SFT, [base.artifact, conversations.artifact], world["store"])
+
+
+@pytest.fixture(scope="module")
+def rm(world, chat, preferences):
+    cfg = reward_model.Config(val_fraction=0.1, steps=10, micro_batch_size=4, lr=1e-3, warmup_steps=2,
+                              precision="fp32")
+    return build(reward_model, cfg, [chat.artifact, preferences.artifact], world["store"])
 
 
 # ---- pretrain ------------------------------------------------------------------------------------------------
@@ -157,7 +165,7 @@ def test_pretrain_resumes_from_its_checkpoint(world, tmp_path, monkeypatch):
 
 
 # ---- sft -----------------------------------------------------------------------------------------------------
-def test_sft_improves_assistant_loss(base, chat):
+def test_sft_improves_assistant_loss(base, chat, conversations):
     stats = chat.stats
     assert stats["val_assistant_loss"] < stats["val_assistant_loss_base"] and stats["improved_over_base"]
     assert stats["conversations"] == 100
@@ -167,22 +175,57 @@ def test_sft_improves_assistant_loss(base, chat):
     assert {"model.safetensors", "model.json", "tokenizer.model"} <= files and "checkpoints" not in files
     meta = json.loads((chat.artifact.path / "model.json").read_text())
     assert meta["stage"] == "sft" and meta["tokenizer_sha256"] == base.stats["tokenizer_sha256"]
-    assert chat.artifact.manifest()["inputs"] == [{"stage": "pretrain", "version": base.artifact.version}]
+    assert chat.artifact.manifest()["inputs"] == [{"stage": "pretrain", "version": base.artifact.version},
+                                                  {"stage": "import_data", "version": conversations.artifact.version}]
 
 
-def test_sft_reports_malformed_lines(chat):
-    malformed = chat.stats["malformed"]
-    assert malformed["count"] == 2
-    assert [m["line"] for m in malformed["lines"]] == [3, 61]
-    assert "invalid JSON" in malformed["lines"][0]["reason"]
-    assert "assistant" in malformed["lines"][1]["reason"]
+def test_sft_packs_conversations_into_rows(chat):
+    s = chat.stats
+    # 64-token rows: the long conversations are truncated and fill a row alone; the short ones share rows
+    assert s["train_rows"] < s["train_conversations"]
+    assert 0 < s["real_token_fraction_unpacked"] < s["real_token_fraction"] <= 1
 
 
-def test_sft_refuses_a_data_file_without_valid_records(base, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": []}\nnot json\n')
-    with pytest.raises(StageError, match="holds no valid records"):
-        sft.run(sft.Config(data=str(bad), steps=1), base.artifact, out=Artifact(sft.NAME, "bad", tmp_path))
+def test_pack_keeps_every_token_and_its_loss_mask():
+    examples = [([1] * n, [0, 0] + [1] * (n - 2)) for n in (3, 9, 5, 2, 8, 4, 7, 10, 6)]  # 54 tokens
+    rows = pack(examples, row_len=10)
+    assert len(rows) == 6 and all(len(ids) == len(mask) <= 10 for ids, mask in rows)  # 54 / 10 -> at least 6
+    assert sorted(t for ids, _ in rows for t in ids) == sorted(t for ids, _ in examples for t in ids)
+    assert sum(sum(m) for _, m in rows) == sum(sum(m) for _, m in examples)
+    with pytest.raises(ValueError, match="truncate it first"):
+        pack([([1] * 11, [1] * 11)], row_len=10)
+
+
+def test_example_loader_gives_each_rank_its_own_part_of_the_global_batch():
+    examples = list(range(12))
+    one = ExampleLoader(examples, 4, seed=3, collate=list)                    # one rank, 4 a step
+    two = [ExampleLoader(examples, 2, seed=3, collate=list, rank=r, world_size=2) for r in (0, 1)]  # 2 x 2
+    for _ in range(7):  # past two epoch ends (3 steps an epoch)
+        a, b = next(two[0]), next(two[1])
+        assert not set(a) & set(b) and a + b == next(one)
+    assert two[0].state_dict() == two[1].state_dict() == one.state_dict()  # global position: resumable anywhere
+    # 10 examples, 2 x 4 a step: an epoch's 2-example tail cannot feed both ranks, so the next epoch starts
+    two = [ExampleLoader(examples[:10], 4, seed=3, collate=list, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(5):
+        a, b = next(two[0]), next(two[1])
+        assert len(a) == len(b) == 4 and not set(a) & set(b)
+    with pytest.raises(StageError, match="1 training examples for 2 ranks"):
+        ExampleLoader([0], 1, seed=0, collate=list, rank=0, world_size=2)
+
+
+def test_packed_targets_are_the_assistant_tokens(chat):
+    tok = ChatTokenizer(chat.artifact.path / "tokenizer.model")
+    convs = [json.loads(line)["messages"] for line in CONVERSATIONS.read_text(encoding="utf-8").splitlines()[:40]]
+    encoded = [tok.encode_conversation(m, max_len=65) for m in convs]
+    _, y_alone = sft.collate(encoded, tok.pad)
+    _, y_packed = sft.collate(pack(encoded, 65), tok.pad)
+    targets = lambda y: sorted(y[y != -1].tolist())  # noqa: E731
+    assert targets(y_packed) == targets(y_alone) and len(targets(y_alone)) > 0
+
+
+def test_sft_refuses_an_import_of_the_wrong_kind(base, preferences, tmp_path):
+    with pytest.raises(StageError, match="holds preferences, not conversations"):
+        sft.run(SFT, base.artifact, preferences.artifact, out=Artifact(sft.NAME, "bad", tmp_path))
 
 
 # ---- reward model --------------------------------------------------------------------------------------------
@@ -191,19 +234,30 @@ def test_reward_model_stats(rm):
     assert 0.0 <= s["val_accuracy"] <= 1.0
     lo, hi = s["val_accuracy_ci95"]
     assert 0.0 <= lo <= s["val_accuracy"] <= hi <= 1.0 and hi - lo < 0.5
-    # the bundled file has one pair with an empty 'chosen' (line 395): counted, not trained on
-    assert s["pairs"] + s["malformed"]["count"] == 800 and s["malformed"]["count"] == len(s["malformed"]["lines"])
+    assert s["pairs"] == 799  # the bundled file's 800 lines, less the malformed one the import reported
     assert s["pairs"] == s["train_pairs"] + s["val_pairs"] and s["val_pairs"] == int(s["pairs"] * 0.1)
     assert len({h["step"] for h in s["curve"]}) == 10
     meta = json.loads((rm.artifact.path / "model.json").read_text())
     assert meta["stage"] == "reward_model" and meta["reward_head"] is True
 
 
-def test_reward_model_reloads_and_scores(chat, rm):
+def test_reward_model_can_train_its_head_alone(world, chat, preferences):
+    cfg = reward_model.Config(train_trunk=False, val_fraction=0.1, steps=3, micro_batch_size=4, lr=1e-2,
+                              warmup_steps=1, precision="fp32")
+    res = build(reward_model, cfg, [chat.artifact, preferences.artifact], world["store"])
+    trunk, _, _ = load_model(res.artifact.path)
+    sft_model, _, _ = load_model(chat.artifact.path)
+    for (name, a), b in zip(trunk.state_dict().items(), sft_model.state_dict().values()):
+        assert torch.equal(a, b), name  # the frozen SFT trunk, bit for bit
+    head = reward_model.load_reward_model(res.artifact.path).reward_head.weight
+    assert float(head.detach().abs().sum()) > 0  # while the head learned
+
+
+def test_reward_model_reloads_and_scores(chat, rm, preferences):
     model = reward_model.load_reward_model(rm.artifact.path)
     assert float(model.reward_head.weight.detach().abs().sum()) > 0  # the trained head, not the zero init
     tok = ChatTokenizer(rm.artifact.path / "tokenizer.model")
-    records, _ = read_jsonl(PAIRS, reward_model.check_pair)
+    records = import_data.load_records(preferences.artifact, "preferences")
     pairs = []
     for r in records:
         p = tok.render_prompt(reward_model.prompt_messages(r["prompt"]))
@@ -219,11 +273,38 @@ def test_reward_model_reloads_and_scores(chat, rm):
     assert scores.shape == (6,) and torch.isfinite(scores).all()
 
 
+# ---- several ranks ------------------------------------------------------------------------------------------
+@pytest.fixture
+def two_ranks(monkeypatch):
+    monkeypatch.setenv("CRAWL2CHAT_NPROC", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the children's torch threads: 2 ranks on 2 shared cores
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CRAWL2CHAT_HOSTFILE", "CRAWL2CHAT_LAUNCHER"):
+        monkeypatch.delenv(var, raising=False)
+    # sft and reward_model split their data by rank; this makes the launcher use it even before
+    # stages/lm/launch.RANK_AWARE lists them
+    monkeypatch.setattr(launch, "RANK_AWARE", launch.RANK_AWARE | {"sft", "reward_model"})
+
+
+def test_sft_and_reward_model_on_two_ranks(world, base, conversations, preferences, two_ranks):
+    chat2 = build(sft, dataclasses.replace(SFT, steps=4, zero_stage=1), [base.artifact, conversations.artifact],
+                  world["store"])
+    s = chat2.stats
+    assert not chat2.reused and s["world_size"] == 2 and len(s["curve"]) == 4
+    assert s["val_assistant_loss"] < s["val_assistant_loss_base"]
+    assert load_model(chat2.artifact.path)[1]["stage"] == "sft"  # rank 0 wrote the weights
+    rm_cfg = reward_model.Config(val_fraction=0.1, steps=3, micro_batch_size=4, lr=1e-3, warmup_steps=1,
+                                 zero_stage=1, precision="fp32")
+    rm2 = build(reward_model, rm_cfg, [chat2.artifact, preferences.artifact], world["store"])
+    assert rm2.stats["world_size"] == 2 and len(rm2.stats["curve"]) == 3
+    assert not (rm2.artifact.path / "checkpoints").exists()
+    assert reward_model.load_reward_model(rm2.artifact.path).reward_head.weight.abs().sum() > 0
+
+
 # ---- rl ------------------------------------------------------------------------------------------------------
-def test_rl_grpo_run(world, chat, rm):
-    cfg = rl.Config(prompts=str(PAIRS), val_prompts=4, steps=2, prompts_per_step=2, group_size=3, max_new_tokens=8,
+def test_rl_grpo_run(world, chat, rm, preferences):
+    cfg = rl.Config(val_prompts=4, steps=2, prompts_per_step=2, group_size=3, max_new_tokens=8,
                     lr=1e-4, warmup_steps=1, precision="fp32")
-    res = build(rl, cfg, [chat.artifact, rm.artifact], world["store"])
+    res = build(rl, cfg, [chat.artifact, rm.artifact, preferences.artifact], world["store"])
     s = res.stats
     for key in ("val_reward_before", "val_reward_after", "val_kl_to_reference"):
         assert isinstance(s[key], float) and s[key] == s[key]  # not NaN
@@ -244,4 +325,4 @@ def test_rl_grpo_run(world, chat, rm):
     assert all(r["kl"] == pytest.approx(0, abs=1e-6) for r in rows[:6])  # step 0: policy == reference
     meta = json.loads((res.artifact.path / "model.json").read_text())
     assert meta["stage"] == "rl" and not (res.artifact.path / "checkpoints").exists()
-    assert [i["stage"] for i in res.artifact.manifest()["inputs"]] == ["sft", "reward_model"]
+    assert [i["stage"] for i in res.artifact.manifest()["inputs"]] == ["sft", "reward_model", "import_data"]
