@@ -1,6 +1,7 @@
 """`crawl2chat`: run the pipeline and inspect its artifacts.
 
     crawl2chat run --preset tiny [--source DIR|URL] [--until STAGE] [--set stage.field=value ...]
+    crawl2chat refresh [--crawl latest] [--source DIR|URL]    # a new dataset version from new WARC files only
     crawl2chat status
     crawl2chat artifacts list [STAGE] | show REF | lineage REF [--down] | verify [REF]
     crawl2chat chat [ARTIFACT] | generate ARTIFACT PROMPT
@@ -100,8 +101,9 @@ def run(preset: str = typer.Option("tiny", help="tiny | small | d20"),
     try:
         # Fail fast, before Prefect starts, on a bad preset, override, stage name or source.
         cfg = presets.load(preset, set_, source)
-        if until is not None and until not in presets.STAGES:
-            raise StageError(f"unknown stage '{until}' for --until: choose one of {', '.join(presets.STAGES)}")
+        stops = [*presets.STAGES, *presets.IMPORTS]  # the imports stop by their slot: --until conversations
+        if until is not None and until not in stops:
+            raise StageError(f"unknown stage '{until}' for --until: choose one of {', '.join(stops)}")
         if deployment:  # a worker runs it: --source and --root are paths on the worker's machine, not checked here
             return _run_deployment(preset, source, until, list(set_), root, wait)
         if source and "://" not in source and not os.path.isdir(source):
@@ -119,6 +121,27 @@ def run(preset: str = typer.Option("tiny", help="tiny | small | d20"),
     console.print(f"[bold green]done[/] ({len(built)} stages); artifacts in {_root(root)}")
     for ref in built:
         console.print(f"  {ref}")
+
+
+@app.command()
+def refresh(preset: str = typer.Option("small", help="tiny | small | d20: the data stages' settings"),
+            crawl: str = typer.Option("latest", help="CC-MAIN-YYYY-WW, or latest (collinfo.json)"),
+            source: Optional[str] = typer.Option(None, help="Common-Crawl-layout folder or URL (overrides the preset)"),
+            max_files: int = typer.Option(8, help="at most this many new WARC files per refresh"),
+            set_: list[str] = typer.Option([], "--set", help="override: stage.field=value (repeatable)"),
+            root: Optional[str] = ROOT):
+    """A new dataset version from the crawl's WARC files that no earlier version holds (flows/data_refresh.py)."""
+    from flows import presets
+
+    try:
+        presets.load(preset, set_, source)  # fail fast on a bad preset or override, before Prefect starts
+        from flows.data_refresh import data_refresh
+
+        ref = data_refresh(preset=preset, crawl=crawl, source=source, max_files=max_files, overrides=list(set_),
+                           root=_root(root))
+    except (StageError, ArtifactError) as e:
+        _fail(str(e))
+    console.print(f"[bold green]dataset[/] {ref} (alias tokenize_shards/dataset)")
 
 
 def _run_deployment(preset: str, source: Optional[str], until: Optional[str], overrides: list[str],
@@ -266,26 +289,27 @@ def schedule_delete(deployment: str, schedule_id: Optional[str] = SCHEDULE_ID):
 KEY_STATS = ("files_ok", "documents", "vocab_size", "bytes_per_token", "train_tokens", "val_loss", "val_bpb",
              "unigram_entropy", "val_assistant_loss_base", "val_assistant_loss", "val_accuracy",
              "val_reward_before", "val_reward_after", "val_accuracy_before", "val_accuracy_after", "hellaswag_acc",
-             "gsm8k_acc", "reward_mean", "win_rate_vs_sft")
+             "gsm8k_acc", "reward_mean", "win_rate_vs_sft", "valid", "malformed", "real_token_fraction")
 
 
 @app.command()
 def status(root: Optional[str] = ROOT):
-    """The latest artifact of every stage, with its headline numbers."""
-    from flows.presets import STAGES
+    """The latest artifact of every stage (and of each import), with its headline numbers."""
+    from flows import presets
 
     store = _store(root)
     table = Table(title=f"artifacts in {store.root}")
     for col in ("stage", "latest", "headline"):
         table.add_column(col, overflow="fold")
-    for name in STAGES:
-        latest = store.read_alias(name, "latest")
+    for slot in presets.SLOTS:
+        name, alias = presets.slot_alias(slot)
+        latest = store.read_alias(name, alias)
         if not latest:
-            table.add_row(name, "-", "not run yet")
+            table.add_row(slot, "-", "not run yet")
             continue
         m = store.manifest(name, latest)
         head = ", ".join(f"{k}={_fmt(m['stats'][k])}" for k in KEY_STATS if k in m["stats"])
-        table.add_row(name, latest, head)
+        table.add_row(slot, latest, head)
     console.print(table)
 
 
@@ -304,6 +328,8 @@ def _resolve(store: ArtifactStore, ref: str) -> tuple[str, str]:
 @artifacts_app.command("list")
 def list_(stage: Optional[str] = typer.Argument(None), root: Optional[str] = ROOT):
     """Committed artifacts, oldest first."""
+    from flows import presets
+
     store = _store(root)
     table = Table()
     for col in ("artifact", "ended", "inputs", "aliases"):
@@ -312,7 +338,7 @@ def list_(stage: Optional[str] = typer.Argument(None), root: Optional[str] = ROO
     for s in stages:
         for v in store.versions(s):
             m = store.manifest(s, v)
-            aliases = "latest" if store.read_alias(s, "latest") == v else ""
+            aliases = ", ".join(a for a in ("latest", "dataset", *presets.IMPORTS) if store.read_alias(s, a) == v)
             table.add_row(f"{s}/{v}", m["ended"], ", ".join(f"{i['stage']}/{i['version']}" for i in m["inputs"]),
                           aliases)
     console.print(table)

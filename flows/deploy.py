@@ -39,12 +39,15 @@ class DeploymentSpec:
 
 DEPLOYMENTS = [
     DeploymentSpec("end-to-end", "flows/pipeline.py:end_to_end", "cpu",
-                   "The whole DAG, Common Crawl -> assistant; unchanged stages are reused.", {"preset": "tiny"}),
+                   "The whole DAG, Common Crawl -> assistant; unchanged stages are reused; the training stages "
+                   "run as runs of the train deployment on the gpu pool.",
+                   {"preset": "tiny", "train_on": "crawl2chat-train/train"}),
     DeploymentSpec("train", "flows/deploy.py:train", "gpu",
                    "One training stage (pretrain, sft, reward_model or rl) on its own, upstream stages reused.",
                    {"preset": "tiny", "stage": "pretrain"}),
-    # The recurring refresh, once flows/data_refresh.py exists:
-    # DeploymentSpec("data-refresh", "flows/data_refresh.py:data_refresh", "cpu", "New WARC files only."),
+    DeploymentSpec("data-refresh", "flows/data_refresh.py:data_refresh", "cpu",
+                   "A new dataset version from the WARC files of the newest crawl that no version holds yet.",
+                   {"preset": "small", "crawl": "latest"}),
 ]
 END_TO_END = "crawl2chat/end-to-end"  # flow name / deployment name, as `run --deployment` triggers it
 TRAIN = "crawl2chat-train/train"

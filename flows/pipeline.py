@@ -12,8 +12,10 @@ from __future__ import annotations
 import sys
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from flows import presets
+from flows.deploy import TRAINING, run_training
 from flows.tasks import run_stage
 from stages import (download, evaluate, extract, import_data, pretrain, reward_model, rl, sft, tokenize_shards,
                     train_tokenizer)
@@ -34,14 +36,25 @@ def rl_inputs(cfg: rl.Config, reward, preferences, problems) -> list:
     return [problems] if problems else []
 
 
-@flow(name="crawl2chat", flow_run_name="{preset}", validate_parameters=False)
+def run_name() -> str:
+    """`tiny-3fa2c1d9`: the preset and a short hash of its whole recipe, overrides included."""
+    p = flow_run.parameters
+    cfg = presets.load(p["preset"], list(p.get("overrides") or ()), p.get("source"))
+    return f"{p['preset']}-{presets.recipe_id(cfg)}"
+
+
+@flow(name="crawl2chat", flow_run_name=run_name, validate_parameters=False)
 def end_to_end(preset: str = "tiny", overrides: list[str] = (), source: str | None = None,
-               until: str | None = None, root: str = "artifacts") -> list[str]:
+               until: str | None = None, root: str = "artifacts", train_on: str | None = None) -> list[str]:
+    """train_on: a deployment (crawl2chat-train/train, gpu pool) that builds each training stage as its own
+    run, which can be cancelled and retried alone; run_stage below then finds that run's artifact committed."""
     cfg = presets.load(preset, list(overrides), source)
     built: list[str] = []
 
     def stage(module, *inputs, slot: str | None = None):
         """slot: the PipelineConfig field of a stage that runs with several configs (the imports)."""
+        if train_on and module.NAME in TRAINING:
+            run_training(module.NAME, preset, list(overrides), source, root, deployment=train_on)
         art = run_stage(module, cfg.stage(slot or module.NAME), list(inputs), root, slot)
         built.append(art.ref)
         if until and until in (module.NAME, slot):

@@ -11,12 +11,14 @@ Model size follows one dial, pretrain.depth (width, heads, learning rate and tok
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from stages import (download, evaluate, extract, import_data, pretrain, reward_model, rl, sft, tokenize_shards,
                     train_tokenizer)
-from stages.common import StageError, apply_overrides, parse_assignment
+from stages.artifacts import canonical_json
+from stages.common import StageError, apply_overrides, parse_assignment, recipe_dict
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
@@ -138,3 +140,10 @@ def load(preset: str, overrides: list[str] = (), source: str | None = None) -> P
 
 def describe(cfg: PipelineConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def recipe_id(cfg: PipelineConfig) -> str:
+    """8 hex digits that change with any field of any stage's recipe (runtime fields aside): flow runs are named
+    `{preset}-{recipe_id}`, so the runs page reads as a history of what was run."""
+    recipe = {slot: recipe_dict(cfg.stage(slot)) for slot in SLOTS}
+    return hashlib.sha256(canonical_json(recipe).encode()).hexdigest()[:8]

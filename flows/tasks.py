@@ -8,6 +8,7 @@ Retries are off too: a stage retries its own transient I/O; anything else failin
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -18,12 +19,13 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "crawl2chat")  # stage lo
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import task_run  # noqa: E402
 
 from stages.artifacts import Artifact, ArtifactStore  # noqa: E402
-from stages.common import build  # noqa: E402
+from flows.progress import StageProgress  # noqa: E402
+from stages.common import build, reporting  # noqa: E402
 
 logging.getLogger("crawl2chat").setLevel(logging.INFO)  # stages report progress (steps, files) at INFO
 
@@ -61,14 +63,23 @@ def run_stage(stage: types.ModuleType, cfg, inputs: list[Artifact], root: str, l
     the three imports each keep an alias (import_data/conversations) instead of overwriting one `latest`.
     Without a label they take the stage's name and the alias is `latest`."""
     store = ArtifactStore(root)
-    result = build(stage, cfg, inputs, store)
-    store.set_alias(stage.NAME, label or "latest", result.artifact.version)
     name = label or stage.NAME
-    get_run_logger().info("%s %s", "reused" if result.reused else "built", result.artifact.ref)
     key = name.replace("_", "-")  # Prefect artifact keys allow lowercase letters, digits and dashes
+    reporter = StageProgress(name, f"{key}-progress")
+    try:
+        with reporting(reporter):
+            result = build(stage, cfg, inputs, store)
+    finally:
+        reporter.close()
+    store.set_alias(stage.NAME, label or "latest", result.artifact.version)
+    get_run_logger().info("%s %s", "reused" if result.reused else "built", result.artifact.ref)
     create_markdown_artifact(key=key, markdown=stats_markdown(name, result.artifact, result.reused, result.stats),
                              description=f"{name} {result.artifact.ref}")
     if result.stats.get("curve"):  # training stages: the loss curve (about 100 evenly spaced steps)
         create_table_artifact(key=f"{key}-loss-curve", table=result.stats["curve"],
                               description=f"{name} {result.artifact.version}: loss per optimizer step")
+    curve_png = result.artifact.path / "loss_curve.png"
+    if curve_png.exists():  # written by stages/lm/trainer.fit; inlined, so the UI needs no file server
+        create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(curve_png.read_bytes()).decode(),
+                              key=f"{key}-loss-image", description=f"{name} {result.artifact.ref}: training loss")
     return result.artifact

@@ -18,7 +18,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import flows.cli as cli
-from flows.presets import STAGES
+from flows.presets import SLOTS
 from stages import download
 from stages.artifacts import ArtifactStore
 from stages.common import build
@@ -153,15 +153,15 @@ def test_status(env):
     assert env["download"].version in r.output
     row = next(line for line in r.output.splitlines() if "download" in line and env["download"].version in line)
     assert "files_ok=5" in row  # the headline numbers
-    for name in STAGES:
-        assert name in r.output
-    assert r.output.count("not run yet") == len(STAGES) - 1
+    for slot in SLOTS:  # every stage, and each import by its slot (conversations, preferences, problems)
+        assert slot in r.output
+    assert r.output.count("not run yet") == len(SLOTS) - 1
 
 
 def test_status_empty_store(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "console", Console(width=250))
     r = invoke("status", "--root", tmp_path / "nothing")
-    assert r.exit_code == 0 and r.output.count("not run yet") == len(STAGES)
+    assert r.exit_code == 0 and r.output.count("not run yet") == len(SLOTS)
 
 
 def test_artifacts_on_memory_root(tmp_path, monkeypatch):

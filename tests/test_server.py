@@ -245,8 +245,14 @@ def test_deploy_and_schedule_checked_through_the_api(deployed):
     assert crawl2chat("schedule", "delete", "end-to-end", env=env).returncode == 0
     assert api(url, f"/deployments/{e2e['id']}/schedules")[1] == []
 
-    bad = crawl2chat("schedule", "data-refresh", "--cron", CRON, env=env)
-    assert bad.returncode == 1 and "no deployment 'data-refresh'" in bad.stdout and "end-to-end" in bad.stdout
+    refresh = _deployment(url, "data-refresh/data-refresh")
+    assert (refresh["work_pool_name"], refresh["entrypoint"]) == ("cpu", "flows/data_refresh.py:data_refresh")
+    made = crawl2chat("schedule", "data-refresh", "--cron", CRON, env=env)
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert [s["schedule"]["cron"] for s in api(url, f"/deployments/{refresh['id']}/schedules")[1]] == [CRON]
+
+    bad = crawl2chat("schedule", "no-such-flow", "--cron", CRON, env=env)
+    assert bad.returncode == 1 and "no deployment 'no-such-flow'" in bad.stdout and "end-to-end" in bad.stdout
 
 
 def _scheduled_runs(url: str, deployment_id: str, wait_s: float = 60) -> list[dict]:
@@ -280,10 +286,10 @@ def test_run_through_the_deployment_on_a_worker(deployed, tmp_path):
     assert cli.returncode == 0 and "done" in rest, rest + worker.stdout[-3000:] + worker.stderr[-3000:]
     status, run = api(url, f"/flow_runs/{run_id}")
     assert run["state"]["type"] == "COMPLETED"
-    assert run["name"] == "tiny" and run["parameters"]["until"] == "download"
+    assert run["name"].startswith("tiny-") and run["parameters"]["until"] == "download"
     assert ArtifactStore(str(root)).read_alias("download", "latest")  # the worker committed it where we said
     artifacts = api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})[1]
-    assert [a["key"] for a in artifacts] == ["download"]
+    assert sorted(a["key"] for a in artifacts) == ["download", "download-progress"]  # stats, and progress
 
 
 def test_prefect_yaml_registers_the_same_deployments(deployed):
@@ -296,7 +302,8 @@ def test_prefect_yaml_registers_the_same_deployments(deployed):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for spec in DEPLOYMENTS:
-        flow_name = "crawl2chat" if spec.name == "end-to-end" else "crawl2chat-train"
+        flow_name = {"end-to-end": "crawl2chat", "train": "crawl2chat-train",
+                     "data-refresh": "data-refresh"}[spec.name]
         dep = _deployment(url, f"{flow_name}/{spec.name}")
         assert (dep["entrypoint"], dep["work_pool_name"], dep["parameters"]) == \
             (spec.entrypoint, spec.pool, spec.parameters), spec.name

@@ -3,7 +3,7 @@
 `crawl2chat server start` (SQLite, its own PREFECT_HOME and port), then `crawl2chat run --preset tiny --until
 extract` on four of the tiny crawl's five WARC files, which the CLI sends to that server; then Chromium
 (Debian's chromium and chromium-driver, driven by selenium; nothing is downloaded at run time) opens the runs
-page, clicks the run named `tiny`, opens its Artifacts tab, sees the `download` and `extract` markdown
+page, clicks the run named `tiny-<recipe id>`, opens its Artifacts tab, sees the `download` and `extract` markdown
 artifacts, and opens the extract one (its stats table). Screenshots go to the test's tmp folder (the path is
 printed).
 
@@ -94,7 +94,8 @@ def browser(tmp_path):
 def test_ui_shows_the_tiny_run_and_its_stage_artifacts(server_with_a_run, browser, tmp_path):
     wait = WebDriverWait(browser, 60)  # the UI is a single-page app that loads its data after the page
     browser.get(f"{server_with_a_run}/runs")
-    wait.until(EC.element_to_be_clickable((By.LINK_TEXT, "tiny"))).click()  # flow runs are named by preset
+    # flow runs are named by preset and a short hash of the recipe: tiny-3fa2c1d9
+    wait.until(EC.element_to_be_clickable((By.PARTIAL_LINK_TEXT, "tiny-"))).click()
     wait.until(EC.url_contains("/runs/flow-run/"))
     wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "li.p-tab#artifacts"))).click()
     panel = (By.ID, "artifacts-content")
