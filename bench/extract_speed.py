@@ -1,7 +1,9 @@
 """Speed of the extract stage per core with each extractor, and the cost of the stage's own bookkeeping.
 
-Data: /work/shared/data/extraction/zyte-aeb.part1.warc.gz (1 warcinfo + 120 HTML response records, 4.3 MB, mostly
-English news pages) copied into a temporary download artifact (`<tmp>/download/warc/zyte-aeb.part1.warc.gz`).
+Data: every WARC in /work/shared/data/warc and /work/shared/data/extraction (6 distinct files: Common Crawl samples,
+two wget crawls, the Zyte and trafilatura evaluation pages; 535 records, 459 HTML pages, about 1/3 English),
+copied into a temporary download artifact; `--copies K` repeats the set K times under new file names (the copies are
+exact duplicates, which exact dedup removes, so K > 1 understates the dedup stages' share of a real crawl).
 
 Three sides, each a whole extract run with one task and one worker (datatrove then runs every task in this process,
 one after the other, so wall time is time on one core plus the extractor's timeout sandbox process):
@@ -13,14 +15,14 @@ one after the other, so wall time is time on one core plus the extractor's timeo
         order, and nothing read back afterwards. This is the closest honest "plain datatrove" equivalent: the
         project's reader and filter subclasses (offline URL lists, offline language model, damaged-file handling)
         stay on both sides because plain datatrove would download its block lists and model at run time.
-Printed: speedup = trafilatura `ours` CPU time / resiliparse `ours` CPU time (whole stage, so at 120 documents the
-fixed per-task costs of the dedup pipelines weigh in; the extractor step alone, timed by datatrove, is printed
-beside it) and overhead = ours / bare - 1 in CPU time with resiliparse. Docs per CPU-second is docs per second per
+Printed: speedup = trafilatura `ours` CPU time / resiliparse `ours` CPU time (whole stage: the fixed per-task costs
+of the dedup pipelines and the quality filters' word tokenization weigh in; the extractor step alone, timed by
+datatrove, is printed beside it) and overhead = ours / bare - 1 in CPU time with resiliparse. Docs per CPU-second is docs per second per
 core: one worker, and CPU time counts only work done, whatever else runs on the machine. Rounds are
 interleaved and the order of the sides switches every round; medians are compared. One unmeasured warm-up run per
 extractor loads the URL block lists (parsed once per process) and the language model first.
 
-    python bench/extract_speed.py              # ~1-2 min on 2 cores; --rounds 3 is quicker
+    python bench/extract_speed.py              # ~3 min on 2 cores at the default 3 rounds
 """
 
 from __future__ import annotations
@@ -38,9 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "extraction"  # /work/shared/data/extraction next to the checkout
-WARC = "zyte-aeb.part1.warc.gz"
-HTML_DOCS = 120  # response records in that WARC (its other record is the warcinfo)
+DATA = ROOT.parent / "shared" / "data"  # /work/shared/data next to the checkout
+SOURCES = ("warc", "extraction")  # folders of ROOT.parent / "shared" / "data" whose *.warc.gz are the input
 
 
 @contextlib.contextmanager
@@ -90,12 +91,14 @@ def timed(side, extract, cfg, download, scratch: Path) -> tuple[float, float, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATA, help=f"folder with {WARC} (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--data", type=Path, default=DATA, help="folder with warc/ and extraction/ (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--copies", type=int, default=1, help="repeat the WARC set this many times")
     args = parser.parse_args()
-    if not (args.data / WARC).is_file():
-        print(f"extract_speed: no {args.data / WARC}: this bench needs the shared data folder "
-              f"(/work/shared/data/extraction) or --data DIR; nothing measured")
+    warcs = sorted(w for folder in SOURCES for w in (args.data / folder).rglob("*.warc.gz"))
+    if not warcs:
+        print(f"extract_speed: no *.warc.gz under {args.data}/{{{','.join(SOURCES)}}}: this bench needs the shared data "
+              f"folder (/work/shared/data) or --data DIR; nothing measured")
         return
     from stages import extract
     from stages.artifacts import Artifact
@@ -103,13 +106,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         (scratch / "download" / "warc").mkdir(parents=True)
-        shutil.copy(args.data / WARC, scratch / "download" / "warc" / WARC)
+        for copy in range(args.copies):
+            for w in warcs:
+                shutil.copy(w, scratch / "download" / "warc" / f"{copy}-{w.name}")
         download = Artifact("download", "x", scratch / "download")
         configs = {e: extract.Config(extractor=e, workers=1, tasks=1) for e in extract.EXTRACTORS}
         runs = [("resiliparse", "ours", ours), ("resiliparse", "bare", bare), ("trafilatura", "ours", ours)]
-        documents = {}
-        for e, cfg in configs.items():  # warm-up: block lists, language model, imports
-            documents[e] = timed(ours, extract, cfg, download, scratch)[3]["documents"]
+        documents, pages = {}, 0
+        for e, cfg in configs.items():  # warm-up: block lists, language model, spaCy, imports
+            stats = timed(ours, extract, cfg, download, scratch)[3]
+            documents[e], pages = stats["documents"], stats["funnel"][0]["docs_out"]
+        print(f"{len(warcs) * args.copies} WARC files, {pages} HTML pages; kept: "
+              + ", ".join(f"{e} {n}" for e, n in documents.items()))
         times: dict[tuple[str, str], list[tuple[float, float, float]]] = {(e, s): [] for e, s, _ in runs}
         for r in range(args.rounds):
             for e, s, side in runs if r % 2 == 0 else runs[::-1]:
@@ -135,7 +143,7 @@ def main() -> None:
           f" {'extract docs/s':>14} {'kept':>5}")
     for e, s, _ in runs:
         wall, cpu, ex = median(e, s), median(e, s, 1), median(e, s, 2)
-        print(f"{e:<12} {s:<5} {wall:7.2f} {cpu:7.2f} {ex:9.2f} {HTML_DOCS / cpu:10.1f} {HTML_DOCS / ex:14.1f}"
+        print(f"{e:<12} {s:<5} {wall:7.2f} {cpu:7.2f} {ex:9.2f} {pages / cpu:10.1f} {pages / ex:14.1f}"
               f" {documents[e]:5d}")
 
 

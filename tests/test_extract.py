@@ -21,6 +21,7 @@ from warcio.warcwriter import WARCWriter
 from stages import extract
 from stages.artifacts import Artifact
 from stages.common import StageError
+from stages.warc_reader import SKIP_REASONS
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny-cc"
 SEG = "crawl-data/CC-MAIN-2024-22/segments"
@@ -73,6 +74,23 @@ BEES = [  # page 3: unrelated, survives everything
     "drones and a single queen who may lay more than a thousand eggs in one day.",
     "Beekeepers check their hives regularly for signs of disease and make sure the colony has enough stored honey to "
     "survive the winter months, when there are no flowers to visit.",
+]
+
+INGREDIENTS = [  # page 4: a recipe whose many short lines FineWeb's short-line rule (over 67% under 30 chars) drops
+    "a cup of plain flour", "two spoons of caster sugar", "a pinch of sea salt", "one large free range egg",
+    "half a cup of whole milk", "a knob of soft butter", "the zest of one lemon", "a handful of blueberries",
+    "some maple syrup to serve", "a little oil for the pan", "one ripe banana if you like", "a dash of vanilla",
+    "a spoon of baking powder", "fresh mint for the top", "a bowl of thick yoghurt", "two ripe summer peaches",
+    "a small jar of honey", "one sprig of thyme", "a cup of oat flakes", "a few chopped walnuts",
+]
+PANCAKES = [
+    "These pancakes are what we cook on slow weekend mornings when the whole family is at home and nobody is in a "
+    "hurry to be anywhere else.",
+    "Whisk the dry things together first, then make a well in the middle and pour in the egg and the milk, stirring "
+    "from the centre so that no lumps form in the batter.",
+    "Let the batter rest for ten minutes while the pan heats, and cook each pancake until bubbles rise through it "
+    "before you turn it over with a thin spatula. Keep the finished ones warm in a low oven. Serve them with the "
+    "fruit and the yoghurt on the side. Any batter that is left keeps in the fridge until the next morning.",
 ]
 
 
@@ -132,6 +150,12 @@ def page(title: str, paragraphs: list[str]) -> bytes:
             f"<footer>Riverside Allotment Society</footer></body></html>").encode()
 
 
+def recipe() -> bytes:
+    paragraphs = "".join(f"<p>{p}</p>" for p in PANCAKES + INGREDIENTS)  # a <ul> would go as navigation
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Pancakes</title></head><body><article>"
+            f"<h1>Sunday pancakes</h1>{paragraphs}</article></body></html>").encode()
+
+
 def write_warc(path: Path, pages: list[tuple[str, bytes]], crawl: str | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
@@ -148,7 +172,8 @@ def write_synthetic_warcs(root: Path) -> None:
     compost = page("Making good compost", COMPOST)
     write_warc(root / "warc" / SYNTH_A, [("https://riverside-allotments.net/compost", compost),
                                          ("https://riverside-allotments.net/contact", page("About us", CONTACT)),
-                                         ("https://bees.example.org/waggle-dance", page("The waggle dance", BEES))],
+                                         ("https://bees.example.org/waggle-dance", page("The waggle dance", BEES)),
+                                         ("https://riverside-allotments.net/pancakes", recipe())],
                crawl="CC-MAIN-2024-18")
     write_warc(root / "warc" / SYNTH_B, [("https://mirror.example.com/compost", compost),
                                          ("https://gardening.example.com/compost-notes",
@@ -271,8 +296,13 @@ def test_funnel_adds_up_and_exclusions_are_kept(default_run):
         assert len(kept) == by_step[step]["dropped"], step
         assert all(d["metadata"]["filter_reason"] for d in kept), step
         assert sum(by_step[step]["reasons"].values()) == by_step[step]["dropped"], step
+    reader = by_step["read_warc"]  # every record not passed on has one reason: requests, warcinfo, PDFs, ...
+    assert sum(reader["reasons"].values()) == reader["dropped"] and reader["reasons"]["not_page"] > 0, reader
+    assert stats["damaged_spans"] == 2  # the truncated file's last member, the garbage file
+    assert all(stats[f"skipped_{r}"] == reader["reasons"].get(r, 0) for r in SKIP_REASONS)  # flat, for the UI table
     assert set(by_step["language"]["reasons"]) - {"lang_en"}  # the sample has non-English pages
-    assert by_step["fineweb_quality"]["dropped"] > 0
+    assert "https://riverside-allotments.net/pancakes" in {d["metadata"]["url"] for d in excluded(out, "fineweb_quality")
+                                                            if d["metadata"]["filter_reason"] == "short_line_ratio"}
     assert by_step["resiliparse"]["bytes_out"] < by_step["resiliparse"]["bytes_in"] / 5  # HTML in, text out
     assert all(d["metadata"]["filter_reason"].startswith("gopher_") for d in excluded(out, "gopher_quality"))
 
@@ -352,3 +382,32 @@ def test_config_validation():
     with pytest.raises(ValueError, match="badwords_path"):
         extract.Config(badwords_path="/nonexistent/en.txt")
     assert extract.lid_model_path().is_file()
+
+
+def test_shared_tokenizer_gives_datatrove_tokens():
+    """The quality filters' faster tokenizer returns exactly what datatrove's spaCy tokenizer returns (words, sentences,
+    sentence spans) on real articles, is one object per process through deepcopy and pickle (datatrove copies the
+    pipeline for every task), and starts afresh past its vocabulary bound with the same tokens."""
+    import copy
+    import pickle
+
+    from datatrove.utils.word_tokenizers import load_word_tokenizer
+    from docs_fixture import real_docs
+
+    from stages import extract_steps
+
+    reference, shared = load_word_tokenizer("en"), extract_steps.shared_tokenizer("en")
+    assert copy.deepcopy(shared) is shared and pickle.loads(pickle.dumps(shared)) is shared
+    texts = [d["text"] for d in real_docs()[:20]] + ["", "Don't stop: e-mail me at a@b.org!\n\nNew line.\n"]
+    for method in ("word_tokenize", "sent_tokenize", "span_tokenize"):
+        assert [getattr(shared, method)(t) for t in texts] == [getattr(reference, method)(t) for t in texts], method
+    # spaCy can raise on the literal "IS_ALPHA" (an attribute name), depending on the vocabulary's history; datatrove
+    # then tokenizes the text without it. Neither tokenizer may fail on it.
+    assert shared.word_tokenize("IS_ALPHA is a spaCy name.")[-3:] == reference.word_tokenize("a spaCy name.")[-3:]
+    words = shared.word_tokenize(texts[0])
+    limit, extract_steps.VOCAB_LIMIT = extract_steps.VOCAB_LIMIT, 10
+    try:
+        before = shared.tokenizer
+        assert shared.word_tokenize(texts[0]) == words and shared.tokenizer is not before  # a fresh pipeline
+    finally:
+        extract_steps.VOCAB_LIMIT = limit

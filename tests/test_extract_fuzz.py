@@ -11,8 +11,10 @@ import json
 import os
 import re
 import resource
+import struct
 import subprocess
 import sys
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -23,8 +25,9 @@ from warcio.warcwriter import WARCWriter
 
 from docs_fixture import real_docs
 
-BOMB_BYTES = 1 << 30  # 1 GiB of zeros inflated from ~1 MB: multi-GiB only adds build and drain time (~3 s per GiB)
-RSS_BOUND_MB = 1500  # measured ~1030 MB (URL block lists, lid model, datatrove); holding the bomb would add 1 GiB
+BOMB_BYTES = 1 << 30  # 1 GiB of zeros from ~1 MB of gzip, Content-Length honest: skipped_oversized
+LYING_BOMB_BYTES = 3 << 30  # 3 GiB from ~3 MB whose Content-Length claims 2000 bytes: skipped_gzip_bomb
+RSS_BOUND_MB = 1500  # measured ~1030 MB (URL block lists, lid model, datatrove); holding a bomb would add 1-3 GiB
 
 
 def member(url: str, body: bytes, ctype: str = "text/html; charset=utf-8", payload_type: str | None = None) -> bytes:
@@ -42,16 +45,26 @@ def html(text: str) -> bytes:
     return f"<!doctype html><html><head><title>t</title></head><body><article>{paragraphs}</article></body></html>".encode()
 
 
-def bomb(n_bytes: int) -> bytes:
-    """One gzip member: a response record whose honest Content-Length is n_bytes of zeros, compressed streaming."""
+def bomb(n_bytes: int, claimed: int | None = None) -> bytes:
+    """One gzip member: a response record with n_bytes of zeros for payload whose Content-Length is honest or, with
+    `claimed`, lies (a small record on paper that inflates to n_bytes). Built in ~0.1 s plus the CRC (~0.7 s per GiB):
+    after a full flush deflate forgets what came before, so every MiB of zeros compresses to the same ~1 KB block."""
     http = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n"
     head = ("WARC/1.0\r\nWARC-Type: response\r\nWARC-Record-ID: <urn:uuid:0000bomb>\r\nWARC-Target-URI: "
             "https://bomb.example/\r\nWARC-Date: 2024-05-01T00:00:00Z\r\nContent-Type: application/http; "
-            f"msgtype=response\r\nContent-Length: {len(http) + n_bytes}\r\n\r\n").encode() + http
-    c = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: gzip framing
-    parts, zeros = [c.compress(head)], bytes(1 << 20)
-    parts += [c.compress(zeros) for _ in range(n_bytes >> 20)]
-    return b"".join(parts + [c.compress(b"\r\n\r\n"), c.flush()])
+            f"msgtype=response\r\nContent-Length: {len(http) + n_bytes if claimed is None else claimed}\r\n\r\n"
+            ).encode() + http
+    tail, zeros = b"\r\n\r\n", bytes(1 << 20)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)  # wbits -15: raw deflate, the gzip framing is written here
+    block = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
+    deflated = [c.compress(head) + c.flush(zlib.Z_FULL_FLUSH)] + [block] * (n_bytes >> 20)
+    deflated.append(c.compress(tail) + c.flush())
+    crc = zlib.crc32(head)
+    for _ in range(n_bytes >> 20):
+        crc = zlib.crc32(zeros, crc)
+    size = len(head) + (n_bytes >> 20 << 20) + len(tail)
+    gzip_header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # RFC 1952: magic, deflate, no flags, no mtime, OS
+    return gzip_header + b"".join(deflated) + struct.pack("<II", zlib.crc32(tail, crc), size & 0xFFFFFFFF)
 
 
 def with_length(record: bytes, length: int) -> bytes:
@@ -91,6 +104,7 @@ def build(root: Path) -> dict[str, list[str]]:
         "oversized": lambda: [good("oversized"), member("https://bad.example/big", b"<p>many words</p>" * (12 << 16)),
                               good("oversized")],
         "gzip_bomb": lambda: [good("gzip_bomb"), bomb(BOMB_BYTES), good("gzip_bomb")],
+        "lying_bomb": lambda: [good("lying_bomb"), bomb(LYING_BOMB_BYTES, claimed=2000), good("lying_bomb")],
     }
     (root / "warc").mkdir(parents=True)
     for case, parts in cases.items():
@@ -132,9 +146,16 @@ def test_fuzz_warcs_are_counted_skipped_and_the_rest_kept(tmp_path):
     unreadable = {name.split(":")[0] for name in stats["unreadable_warcs"]}
     assert unreadable == {f"warc/{c}.warc.gz" for c in ("truncated_member", "garbage", "length_too_long",
                                                         "xml_error")}, stats["unreadable_warcs"]
-    assert totals["skipped_oversized"] == 2  # the 12 MiB page and the bomb
-    assert totals["skipped_non_html"] == 3  # the PNG (by payload type), the PDF and the noise "utf-8" page (sniffed)
-    assert totals["damaged_spans"] >= 4
+    assert totals["skipped_oversized"] == stats["skipped_oversized"] == 2  # the 12 MiB page and the honest bomb
+    assert stats["skipped_gzip_bomb"] == 1  # the lying one: 2000 bytes on paper, 3 GiB inflated
+    assert stats["skipped_non_html"] == 3  # the PNG (by payload type), the PDF and the noise "utf-8" page (sniffed)
+    assert stats["skipped_undecodable"] == 0  # the "x-klingon" page decodes as UTF-8; the noise page was not HTML
+    assert stats["skipped_cut_short"] == 1  # the record whose Content-Length runs past its gzip member
+    assert stats["damaged_spans"] >= 4
+    reader = stats["funnel"][0]
+    assert reader["step"] == "read_warc" and reader["reasons"]["oversized"] == 2
+    # every record the reader does not pass on has exactly one reason (requests, warcinfo: "not_page")
+    assert sum(reader["reasons"].values()) == reader["dropped"], reader
     # every good record, after its bad neighbour too, reached the output or a filter's exclusions
     kept = set(pq.read_table(tmp_path / "out" / "docs").column("url").to_pylist())
     dropped = {json.loads(line)["metadata"]["url"] for f in (tmp_path / "out" / "excluded").rglob("*.jsonl.gz")
@@ -142,3 +163,23 @@ def test_fuzz_warcs_are_counted_skipped_and_the_rest_kept(tmp_path):
     for case, urls in good_urls.items():
         assert len(urls) == 2 and set(urls) <= kept | dropped, (case, urls)
     assert len(set().union(*good_urls.values()) & kept) >= 10  # long English articles mostly pass the filters
+
+
+def test_a_lying_gzip_bomb_is_drained_within_the_stated_memory_bound():
+    """The reader's own buffers stay under warc_reader's bound (2 x member_cap + 1.5 x READ_CHUNK + INFLATE_STEP)
+    while a member that claims 2000 bytes inflates to 256 MiB; measured with tracemalloc (every bytes object zlib and
+    the reader make is a Python allocation), with a 1 MiB max_record_bytes so the cap is far below the bomb."""
+    from stages.warc_reader import INFLATE_STEP, READ_CHUNK, gzip_members, member_cap
+
+    cap = member_cap(1 << 20)
+    data = member("https://good.example/1", html(real_docs()[0]["text"])) + bomb(256 << 20, claimed=2000)
+    data += member("https://good.example/2", html(real_docs()[1]["text"]))
+    tracemalloc.start()
+    members = [(m.offset, m.data is not None, m.skipped, m.length, m.damage) for m in gzip_members(io.BytesIO(data),
+                                                                                                     cap)]
+    peak = tracemalloc.get_traced_memory()[1]  # bytes allocated since start(), at their most; not the input
+    tracemalloc.stop()
+    assert [m[1:] for m in members] == [(True, "", 0, ""), (False, "gzip_bomb", 2000, ""), (True, "", 0, "")]
+    bound = 2 * cap + READ_CHUNK * 3 // 2 + INFLATE_STEP
+    print(f"reader peak {peak / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB, bomb 256 MiB")
+    assert peak < bound

@@ -1,0 +1,63 @@
+"""How stages/extract.py runs its datatrove pipelines: one executor per pipeline (local processes, Slurm job arrays or
+Ray), waiting for Slurm, and datatrove's per-task stats summed for the funnel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from datatrove.executor import LocalPipelineExecutor
+
+from stages.common import StageError
+
+
+def make_executor(cfg, stage: str, steps: list, tasks: int, logs: Path, depends):
+    """One datatrove executor per stage; `depends` makes it wait for (and, if not yet launched, launch) the previous."""
+    if cfg.executor == "local":
+        return LocalPipelineExecutor(steps, tasks=tasks, workers=min(cfg.workers, tasks), logging_dir=str(logs),
+                                     depends=depends)
+    if cfg.executor == "ray":
+        try:
+            from datatrove.executor import RayPipelineExecutor
+            import ray  # noqa: F401  (datatrove imports it lazily: it would fail only once the stage runs)
+        except ImportError:
+            raise StageError("executor='ray' needs Ray: `pip install ray`, then `ray start --head` (or point "
+                             "RAY_ADDRESS at a cluster whose nodes share out.path); or use executor=local") from None
+        return RayPipelineExecutor(steps, tasks=tasks, workers=-1, logging_dir=str(logs), depends=depends)
+    from datatrove.executor import SlurmPipelineExecutor
+
+    activate = Path(sys.prefix) / "bin" / "activate"  # the compute nodes run this same venv (on shared storage)
+    return SlurmPipelineExecutor(steps, tasks=tasks, time=cfg.slurm_time, partition=cfg.slurm_partition,
+                                 cpus_per_task=cfg.slurm_cpus_per_task, mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb,
+                                 job_name=f"extract-{stage}", logging_dir=str(logs), depends=depends,
+                                 venv_path=str(activate) if activate.is_file() else None, mail_type="NONE")
+
+
+def wait_for_slurm(last, logs: Path) -> None:
+    """sbatch returns at once; the stage contract wants finished work, so poll the last stage's completion markers
+    and stop with an error once its job array has left the queue unfinished, or waits on a stage that failed."""
+    while last.get_incomplete_ranks():
+        time.sleep(30)  # Slurm's own scheduling granularity is tens of seconds; polling faster gains nothing
+        reasons = subprocess.run(["squeue", "-h", "-j", str(last.job_id), "-o", "%r"], capture_output=True,
+                                 text=True).stdout  # one line per pending or running task; empty once it left
+        if "DependencyNeverSatisfied" in reasons or (not reasons.strip() and last.get_incomplete_ranks()):
+            raise StageError(f"Slurm job {last.job_id} cannot finish (a stage before it failed, or it left the queue "
+                             f"unfinished): read {logs}/*/slurm_logs, `scancel {last.job_id}` if it is still queued, "
+                             f"and re-run the stage (finished tasks are skipped)")
+
+
+def stage_totals(stats_dir: Path) -> list[Counter]:
+    """datatrove's per-task stats (stats/*.json: one {"name", "stats": {key: n | {"total": n, ...}}} per step) summed
+    over tasks into one Counter per step."""
+    totals: list[Counter] = []
+    for path in sorted(stats_dir.glob("*.json")):
+        for i, step in enumerate(json.loads(path.read_text())):
+            if i == len(totals):
+                totals.append(Counter())
+            for key, value in step["stats"].items():
+                totals[i][key] += int(value["total"] if isinstance(value, dict) else value)
+    return totals
