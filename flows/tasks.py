@@ -75,6 +75,11 @@ def run_stage(stage: types.ModuleType, cfg, inputs: list[Artifact], root: str, l
     get_run_logger().info("%s %s", "reused" if result.reused else "built", result.artifact.ref)
     create_markdown_artifact(key=key, markdown=stats_markdown(name, result.artifact, result.reused, result.stats),
                              description=f"{name} {result.artifact.ref}")
+    if result.stats.get("funnel"):  # extract: documents and bytes in and out of every filter, with the reasons
+        create_table_artifact(key=f"{key}-funnel", table=[
+            {**{k: v for k, v in row.items() if not isinstance(v, _LONG)},
+             "reasons": ", ".join(f"{r}={n}" for r, n in sorted(row.get("reasons", {}).items()) if n)}
+            for row in result.stats["funnel"]], description=f"{name} {result.artifact.ref}: the data funnel")
     if result.stats.get("curve"):  # training stages: the loss curve (about 100 evenly spaced steps)
         create_table_artifact(key=f"{key}-loss-curve", table=result.stats["curve"],
                               description=f"{name} {result.artifact.version}: loss per optimizer step")

@@ -104,8 +104,7 @@ async def main():
     async with get_client() as client:
         published = {}
         for a in await client.read_artifacts():
-            if a.type in ("markdown", "table"):
-                published.setdefault(a.key, []).append(a.data)
+            published.setdefault(a.key, []).append({"type": a.type, "data": a.data})
         print(json.dumps(published))
 
 asyncio.run(main())
@@ -118,11 +117,19 @@ def test_each_stage_published_its_stats_to_prefect(first_run, env):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     published = json.loads(result.stdout.strip().splitlines()[-1])
+    def data(key: str, kind: str) -> list:
+        return [a["data"] for a in published[key] if a["type"] == kind]
+
     for slot in RUN:  # evaluate publishes under one key three times (base, chat, assistant); imports by kind
-        assert any(latest(first_run, slot) in md for md in published[slot.replace("_", "-")])
-    assert "val_loss" in published["pretrain"][0] and "bad_files" in published["download"][0]
-    curve = json.loads(published["pretrain-loss-curve"][0])  # the loss curve, as a table
+        assert any(latest(first_run, slot) in md for md in data(slot.replace("_", "-"), "markdown"))
+    assert "val_loss" in data("pretrain", "markdown")[0] and "bad_files" in data("download", "markdown")[0]
+    curve = json.loads(data("pretrain-loss-curve", "table")[0])  # the loss curve, as a table and as an image
     assert curve[-1]["step"] == stats(first_run, "pretrain")["steps"] and "loss" in curve[0]
+    assert data("pretrain-loss-image", "image")[0].startswith("data:image/png;base64,")
+    funnel = json.loads(data("extract-funnel", "table")[0])  # the data funnel, one row per filter
+    assert funnel[0]["step"] == "read_warc" and funnel[-1]["docs_out"] == stats(first_run, "extract")["documents"]
+    # progress while the stages worked: the last update of a training stage's progress artifact is 100%
+    assert max(data("pretrain-progress", "progress")) == 100.0 and data("download-progress", "progress")
 
 
 def test_lineage_reaches_the_warc_files(first_run, env):
