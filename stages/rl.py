@@ -1,21 +1,23 @@
-"""RL with GRPO: chat model + (reward model | verifier) -> assistant.
+"""RL: chat model -> assistant, by GRPO (default), PPO or DPO, with a KL penalty to the frozen chat model.
 
-    python -m stages.rl --root artifacts --input sft --input reward_model --set steps=30     # RLHF
-    python -m stages.rl --root artifacts --input sft --set reward=verifier --set steps=30    # verifiable rewards
+    python -m stages.rl --root artifacts --input sft --input reward_model --input import_data/preferences  # RLHF
+    python -m stages.rl --root artifacts --input sft --set reward=verifier               # seeded arithmetic
+    python -m stages.rl --root artifacts --input sft --input import_data/problems --set reward=verifier
+    python -m stages.rl --root artifacts --input sft --input import_data/preferences --set method=dpo
 
-Rewards come from one of two places (`reward`):
-  reward_model  a Bradley-Terry reward model scores replies to the prompts of a preference file (RLHF);
-  verifier      problems with checkable answers (stages/lm/verifiers.py): a GSM8K-style JSONL, or generated
-                small-number arithmetic; a reply earns 1 when its final number is right (+ `format_reward`
-                when it ends with "#### <number>"). Held-out accuracy (greedy) is measured before and after.
+Inputs: the chat model first, then, recognised by their stage (and an import_data artifact by its `kind`):
+  reward=reward_model (RLHF)  a reward_model artifact, and "preferences" whose prompts (first user turn) are
+                              the rollout prompts; held-out: the mean reward-model score of greedy replies.
+  reward=verifier             optionally "problems" ({question, answer}, GSM8K style); without them, seeded
+                              small-number arithmetic (stages/lm/verifiers.py). A reply earns 1 when its final
+                              number is right (+ format_reward when it ends with "#### <number>"). Held-out:
+                              greedy accuracy before and after.
+  method=dpo                  "preferences" only: pairs, no reward model, no sampling while training.
 
-Each step samples `prompts_per_step` prompts, draws `group_size` completions of each from the current policy
-with the KV-cache engine, scores them, and normalises rewards within each group
-(GRPO's group-relative advantage, Shao et al. 2024, so no value network is needed). The loss is the
-advantage-weighted log-likelihood of the completions plus `kl_coef` times the k3 estimate of KL(policy ||
-reference), the reference being the frozen SFT model. One gradient step per batch of rollouts keeps it
-on-policy, so PPO's ratio is 1 and clipping is moot here. Every rollout (prompt, completion, reward, KL,
-step) is written to Arrow in the artifact so a run can be audited and re-scored.
+GRPO and PPO sample `prompts_per_step` prompts x `group_size` completions per step from the current policy with
+the KV-cache engine (stages/lm/engine.py) and score them; the losses are in stages/lm/policy_opt.py. Every
+rollout (prompt, completion, reward, KL, step) is written to rollouts/step_*.arrow, so a run can be audited and
+re-scored. GRPO takes one gradient step per rollout batch; PPO takes ppo_epochs x ppo_minibatches.
 """
 
 from __future__ import annotations
@@ -28,128 +30,199 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
-import torch.nn.functional as F
 
+from stages import import_data
 from stages.artifacts import Artifact
 from stages.common import StageError, main
+from stages.lm import policy_opt as po
 from stages.lm import trainer
 from stages.lm.chat import ChatTokenizer
 from stages.lm.checkpoint import TOKENIZER, load_model, save_model
-from stages.lm import verifiers
 from stages.lm.engine import generate
-from stages.lm.examples import pad_batch, read_jsonl, split_heldout
-from stages.reward_model import encode_response, load_reward_model, prompt_messages
+from stages.lm.examples import ExampleLoader, pad_batch
+from stages.lm.rl_data import RewardModelReward, VerifierReward, dpo_eval, dpo_pairs, pair_logps
 
 NAME = "rl"
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: inputs from import_data; methods ppo and dpo
+METHODS = ("grpo", "ppo", "dpo")
 
 
 @dataclass(frozen=True)
 class Config(trainer.TrainConfig):
-    reward: str = "reward_model"  # "reward_model" (input 2 is a reward model) or "verifier" (chat model only)
-    prompts: str = "data/preferences/hh-rlhf-pairs.800.jsonl"  # reward_model: JSONL with a "prompt" field
+    method: str = "grpo"          # "grpo", "ppo" or "dpo" (offline, from preference pairs; ignores `reward`)
+    reward: str = "reward_model"  # grpo/ppo: "reward_model" (RLHF) or "verifier" (checkable answers)
     first_turn_only: bool = True  # reward_model: keep only the first user turn of each prompt (short rollouts)
-    problems: str = "arithmetic"  # verifier: a JSONL of {"question", "answer"} (GSM8K format), or "arithmetic"
-    arithmetic_max: int = 99      # verifier, arithmetic: operands 0..99, i.e. up to two-digit + and -
+    arithmetic_max: int = 99      # verifier without a problems input: operands 0..99 (two-digit + and -)
     arithmetic_train: int = 2000  # verifier, arithmetic: training problems (held-out ones: val_prompts)
     format_reward: float = 0.0    # verifier: bonus for ending with "#### <number>" (0: only the answer counts)
-    val_prompts: int = 32         # held-out prompts (problems) for the before/after reward (and accuracy)
-    steps: int = 50
+    val_prompts: int = 32         # held-out prompts (problems; pairs for dpo) measured before and after
+    steps: int = 50               # grpo/ppo: rollout batches; dpo: optimizer steps
     prompts_per_step: int = 4
-    group_size: int = 8           # completions per prompt (GRPO group)
+    group_size: int = 8           # completions per prompt (GRPO's group; PPO samples the same way)
     max_new_tokens: int = 48
     temperature: float = 1.0
-    kl_coef: float = 0.05
+    scale_rewards: bool = True    # grpo: divide by the group's reward std (DeepSeekMath); False: only subtract
+                                  # its mean (Dr. GRPO), so near-equal reward-model scores stay small advantages
+    kl_coef: float = 0.05         # grpo: weight of the k3 KL in the loss; ppo: per-token KL penalty in the reward
     kl_bound: float = 1.0         # nats/token: the run reports whether the final KL stayed under it
     lr: float = 2e-5
-    warmup_steps: int = 5
-    micro_batch_size: int = 1     # unused by GRPO's own batching; kept for the DeepSpeed config
+    warmup_steps: int = 5         # optimizer steps (ppo takes ppo_epochs x ppo_minibatches of them per batch)
+    micro_batch_size: int = 8     # dpo: pairs per step (grpo/ppo batch by prompts_per_step x group_size)
+    ppo_epochs: int = 2           # passes over each rollout batch
+    ppo_minibatches: int = 2      # minibatches per pass (one optimizer step each)
+    clip: float = 0.2             # ppo: the ratio is clipped to [1 - clip, 1 + clip]
+    value_clip: float = 0.2       # ppo: a value moves at most this far from its rollout-time estimate per batch
+    vf_coef: float = 0.5          # ppo: weight of the value loss (the value head shares the policy's trunk)
+    gamma: float = 1.0            # ppo: no discount within a reply (the score comes at its end)
+    lam: float = 0.95             # ppo: GAE's bias/variance trade-off
+    beta: float = 0.1             # dpo: strength of the implicit KL constraint (the paper's default)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.reward not in ("reward_model", "verifier"):
             raise ValueError(f"reward must be reward_model or verifier, not {self.reward!r}")
         if self.arithmetic_max < 1 or self.arithmetic_train < 1 or self.val_prompts < 1:
             raise ValueError("arithmetic_max, arithmetic_train and val_prompts must be at least 1")
         if self.format_reward < 0:
             raise ValueError("format_reward must be >= 0: it is a bonus for the answer format, not a penalty")
-        if self.group_size < 2:
+        if self.method == "grpo" and self.group_size < 2:
             raise ValueError("group_size must be at least 2: GRPO's advantage compares samples in a group")
+        if self.ppo_epochs < 1 or not 1 <= self.ppo_minibatches <= self.prompts_per_step * self.group_size:
+            raise ValueError("ppo_epochs must be >= 1 and ppo_minibatches between 1 and prompts_per_step x "
+                             "group_size (each minibatch needs a sample)")
+        if self.beta <= 0 or self.clip <= 0 or self.value_clip <= 0:
+            raise ValueError("beta, clip and value_clip must be > 0")
         if self.grad_accum != 1:
-            raise ValueError("rl takes one optimizer step per batch of rollouts: keep grad_accum=1")
+            raise ValueError("rl takes one optimizer step per (mini)batch: keep grad_accum=1")
 
 
-def token_logprobs(model, seqs: torch.Tensor) -> torch.Tensor:
-    """log p(seqs[:, t+1] | seqs[:, :t+1]) for every position: (B, T-1)."""
-    logits = model(seqs[:, :-1]).float()
-    return torch.gather(F.log_softmax(logits, -1), 2, seqs[:, 1:, None]).squeeze(-1)
+def sort_inputs(cfg: Config, inputs: tuple[Artifact, ...]) -> dict[str, Artifact]:
+    """{"reward_model" | "preferences" | "problems": artifact} for the inputs after the chat model, checked
+    against what cfg.method and cfg.reward need; anything wrong is one error that says what to pass."""
+    found: dict[str, list[Artifact]] = {"reward_model": [], "preferences": [], "problems": []}
+    errors = []
+    for art in inputs:
+        kind = import_data.kind_of(art) or art.stage
+        if kind in found:
+            found[kind].append(art)
+        else:
+            errors.append(f"{art.ref} ({kind}) is not an rl input")
+    errors += [f"{len(arts)} {kind} inputs ({', '.join(a.ref for a in arts)}), one at most"
+               for kind, arts in found.items() if len(arts) > 1]
+    if cfg.method == "dpo":
+        need, allowed, mode = {"preferences"}, {"preferences"}, "rl.method=dpo"
+    elif cfg.reward == "reward_model":
+        need, allowed, mode = {"reward_model", "preferences"}, {"reward_model", "preferences"}, "rl.reward=reward_model"
+    else:
+        need, allowed, mode = set(), {"problems"}, "rl.reward=verifier"
+    errors += [f"no {kind} input" for kind in sorted(need) if not found[kind]]
+    errors += [f"a {kind} input it does not use" for kind in sorted(found) if found[kind] and kind not in allowed]
+    if errors:
+        wants = {"rl.method=dpo": "an import_data artifact of preference pairs (kind preferences)",
+                 "rl.reward=reward_model": "a reward_model artifact and an import_data artifact of preference "
+                                           "pairs (kind preferences) for its prompts",
+                 "rl.reward=verifier": "nothing more (seeded arithmetic) or an import_data artifact of "
+                                       "problems (kind problems)"}[mode]
+        raise StageError(f"rl inputs: {'; '.join(errors)}. With {mode}, pass the chat model then {wants}"
+                         + ("; or set rl.reward=verifier to reward checkable answers instead"
+                            if mode == "rl.reward=reward_model" else ""))
+    return {kind: arts[0] for kind, arts in found.items() if arts}
 
 
 class Rollouts:
-    """A resumable 'loader' for trainer.fit: each next() samples a fresh GRPO batch from the current policy.
+    """trainer.fit's loader for GRPO and PPO. Each rollout batch is sampled from the current policy, scored,
+    written to Arrow and turned into `updates` minibatches (GRPO: the whole batch once; PPO: ppo_epochs passes
+    of ppo_minibatches shuffled minibatches), one per next(). The state holds the minibatches not yet used, so
+    a resume continues the same batch."""
 
-    score(i, completions) -> one row per completion, {"reward": float, ...}, for training prompt i; its other
-    fields (the verifier's "correct") go to the rollout Arrow files with the reward."""
-
-    def __init__(self, cfg: Config, engine, ref, score, tok: ChatTokenizer, prompts: list[list[int]], out_dir):
-        self.cfg, self.engine, self.ref, self.score, self.tok = cfg, engine, ref, score, tok
-        self.prompts, self.out_dir, self.step = prompts, out_dir, 0
+    def __init__(self, cfg: Config, engine, ref, source, tok: ChatTokenizer, out_dir):
+        self.cfg, self.engine, self.ref, self.source, self.tok, self.out_dir = cfg, engine, ref, source, tok, out_dir
+        self.step, self.pending = 0, []
+        self.updates = cfg.ppo_epochs * cfg.ppo_minibatches if cfg.method == "ppo" else 1
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def __iter__(self):
         return self
 
-    def __next__(self):
-        cfg, tok, policy = self.cfg, self.tok, self.engine.module
-        dev = self.engine.device
+    def __next__(self) -> dict:
+        if not self.pending:
+            self.pending = self.minibatches(self.collect())
+            self.step += 1
+        return {k: v.to(self.engine.device) for k, v in self.pending.pop(0).items()}
+
+    def policy(self):
+        return self.engine.module.gpt if self.cfg.method == "ppo" else self.engine.module
+
+    @torch.no_grad()
+    def collect(self) -> dict:
+        cfg, tok, policy, dev = self.cfg, self.tok, self.policy(), self.engine.device
         gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + self.step)
-        pick = np.random.default_rng([cfg.seed, self.step]).choice(len(self.prompts), cfg.prompts_per_step,
+        pick = np.random.default_rng([cfg.seed, self.step]).choice(len(self.source.train), cfg.prompts_per_step,
                                                                   replace=False)
         seqs, masks, rewards, rows = [], [], [], []
         policy.eval()
         for i in pick:
-            prompt = self.prompts[i]
+            prompt = self.source.train[i]
             comps = generate(policy, prompt, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
                              stop_ids=(tok.end, tok.eos), generator=gen)
-            scored = self.score(int(i), comps)
+            scored = self.source.score(int(i), comps)
             rewards.append([row["reward"] for row in scored])
             for c, row in zip(comps, scored):
                 seqs.append(prompt + c)
                 masks.append([0] * (len(prompt) - 1) + [1] * len(c))  # aligned with targets seqs[1:]
                 rows.append({"step": self.step, "prompt": tok.decode(prompt), "completion": tok.decode(c), **row})
-        policy.train()
-        r = torch.tensor(rewards, device=dev)                               # (P, G)
-        adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).flatten()
         x = pad_batch(seqs, tok.pad).to(dev)
         m = pad_batch(masks, 0).to(dev).float()[:, : x.size(1) - 1]
-        with torch.no_grad():
-            ref_lp = token_logprobs(self.ref, x)
-        batch = {"x": x, "mask": m, "adv": adv, "ref_lp": ref_lp, "rows": rows, "reward_mean": float(r.mean())}
-        self.step += 1
-        return batch
+        ref_lp = po.token_logprobs(self.ref(x[:, :-1]), x)
+        if cfg.method == "ppo":
+            logits, values = self.engine.module(x[:, :-1])
+        else:
+            logits, values = policy(x[:, :-1]), None
+        policy.train()
+        old_lp = po.token_logprobs(logits, x)
+        kl = (po.k3_kl(old_lp, ref_lp) * m).sum(1) / m.sum(1).clamp(min=1)
+        for row, k in zip(rows, kl.tolist()):
+            row["kl"] = k
+        table = pa.Table.from_pylist(rows)  # the audit trail: one Arrow file per rollout batch
+        with ipc.new_file(str(self.out_dir / f"step_{self.step:06d}.arrow"), table.schema) as w:
+            w.write_table(table)
+        r = torch.tensor(rewards, device=dev)  # (prompts_per_step, group_size)
+        if cfg.method == "grpo":
+            return {"x": x, "mask": m, "adv": po.group_advantages(r, cfg.scale_rewards), "ref_lp": ref_lp}
+        scores = po.ppo_rewards(r.flatten(), old_lp, ref_lp, m, cfg.kl_coef)
+        adv, returns = po.gae(scores, values * m, m, cfg.gamma, cfg.lam)
+        return {"x": x, "mask": m, "adv": adv, "returns": returns, "old_lp": old_lp, "old_values": values * m}
+
+    def minibatches(self, batch: dict) -> list[dict]:
+        if self.cfg.method == "grpo":
+            return [batch]
+        out = []
+        for epoch in range(self.cfg.ppo_epochs):
+            order = np.random.default_rng([self.cfg.seed, self.step, epoch]).permutation(batch["x"].size(0))
+            for idx in np.array_split(order, self.cfg.ppo_minibatches):
+                idx = torch.as_tensor(idx, device=batch["x"].device)
+                out.append({k: v[idx] for k, v in batch.items()})
+        return out
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "pending": [{k: v.cpu() for k, v in b.items()} for b in self.pending]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+        self.step, self.pending = int(state["step"]), list(state["pending"])
 
 
-def grpo_loss(cfg: Config, out_dir):
+def online_loss(cfg: Config, monitor: list):
+    """loss_fn(engine, minibatch) for trainer.fit; PPO's clip fraction and approximate KL go to `monitor`."""
     def loss_fn(engine, b):
-        lp = token_logprobs(engine, b["x"])
-        m, n_tok = b["mask"], b["mask"].sum(1).clamp(min=1)
-        log_ratio = b["ref_lp"] - lp
-        kl = (log_ratio.exp() - log_ratio - 1) * m                          # k3 estimator, >= 0
-        pg = -(b["adv"][:, None] * lp * m).sum(1) / n_tok
-        kl_seq = kl.sum(1) / n_tok
-        for row, k in zip(b["rows"], kl_seq.tolist()):
-            row["kl"] = k
-        step = b["rows"][0]["step"]
-        table = pa.Table.from_pylist(b["rows"])  # the audit trail: one Arrow file per step
-        with ipc.new_file(str(out_dir / f"step_{step:06d}.arrow"), table.schema) as w:
-            w.write_table(table)
-        return (pg + cfg.kl_coef * kl_seq).mean()
+        if cfg.method == "grpo":
+            return po.grpo_loss(po.token_logprobs(engine(b["x"][:, :-1]), b["x"]), b, cfg.kl_coef)
+        logits, values = engine(b["x"][:, :-1])
+        loss, info = po.ppo_loss(po.token_logprobs(logits, b["x"]), values, b, cfg.clip, cfg.value_clip,
+                                 cfg.vf_coef)
+        monitor.append(info)
+        return loss
     return loss_fn
 
 
@@ -164,163 +237,37 @@ def mean_kl(policy, ref, tok: ChatTokenizer, prompts, max_new: int) -> float:
         if not c:
             continue
         x = torch.tensor([p + c], device=dev)
-        lp, lq = F.log_softmax(policy(x).float(), -1), F.log_softmax(ref(x).float(), -1)
+        lp, lq = torch.log_softmax(policy(x).float(), -1), torch.log_softmax(ref(x).float(), -1)
         kl = (lp.exp() * (lp - lq)).sum(-1)[0, len(p) - 1:-1]
         kls.append(float(kl.mean()))
     return float(np.mean(kls)) if kls else 0.0
 
 
-def reply_text(tok: ChatTokenizer, completion: list[int]) -> str:
-    return tok.decode([t for t in completion if t not in (tok.end, tok.eos)])
-
-
-def fit_context(prompts: list[list[int]], cfg: Config, seq_len: int) -> list[int]:
-    """Indices of the prompts that leave room for max_new_tokens in the model's context."""
-    return [i for i, ids in enumerate(prompts) if len(ids) + cfg.max_new_tokens <= seq_len]
-
-
-class RewardModelReward:
-    """Rewards from a reward model, on the first user turns of a preference file's prompts (RLHF)."""
-
-    def __init__(self, cfg: Config, reward: Artifact, tok: ChatTokenizer, seq_len: int, vocab_size: int):
-        self.rm = load_reward_model(reward.path).requires_grad_(False).eval()
-        if self.rm.gpt.cfg.vocab_size != vocab_size:
-            raise StageError("the reward model and the policy use different tokenizers: train the reward model "
-                             "from this chat model")
-        self.tok, self.seq_len, self.max_new = tok, seq_len, cfg.max_new_tokens
-        records, self.malformed = read_jsonl(cfg.prompts, lambda r: None if isinstance(r.get("prompt"), str) else
-                                             "'prompt' missing")
-        prompts = []
-        for r in records:
-            msgs = prompt_messages(r["prompt"])
-            msgs = msgs[:1] if cfg.first_turn_only else msgs
-            if msgs:
-                prompts.append(tok.render_prompt(msgs))
-        prompts = [prompts[i] for i in fit_context(prompts, cfg, seq_len)]
-        if len(prompts) < cfg.prompts_per_step + 1:
-            raise StageError(f"only {len(prompts)} prompts fit the context with max_new_tokens="
-                             f"{cfg.max_new_tokens}: lower rl.max_new_tokens or give more prompts")
-        self.train, self.val = split_heldout(prompts, cfg.val_prompts / len(prompts), cfg.seed)
-        self.stats = {"prompts": len(prompts), "malformed": {"count": len(self.malformed),
-                                                             "lines": self.malformed[:50]}}
-
-    def _scores(self, prompt: list[int], comps: list[list[int]]) -> list[float]:
-        dev = next(self.rm.parameters()).device
-        scored = [encode_response(self.tok, prompt, c, self.seq_len) for c in comps]
-        with torch.no_grad():
-            return self.rm(pad_batch(scored, self.tok.pad).to(dev),
-                           torch.tensor([len(s) for s in scored], device=dev)).tolist()
-
-    def to(self, device) -> None:
-        self.rm.to(device)
-
-    def score(self, i: int, comps: list[list[int]]) -> list[dict]:
-        return [{"reward": r} for r in self._scores(self.train[i], comps)]
-
-    @torch.no_grad()
-    def evaluate(self, policy) -> dict:
-        """Mean reward-model score of greedy replies to the held-out prompts."""
-        policy.eval()
-        scores = [self._scores(p, generate(policy, p, 1, self.max_new, temperature=0,
-                                           stop_ids=(self.tok.end, self.tok.eos)))[0] for p in self.val]
-        policy.train()
-        return {"val_reward": float(np.mean(scores))}
-
-
-class VerifierReward:
-    """Rewards from checking the final number of each reply against the problem's answer (stages/lm/verifiers.py)."""
-
-    def __init__(self, cfg: Config, tok: ChatTokenizer, seq_len: int):
-        self.tok, self.max_new, self.format_reward = tok, cfg.max_new_tokens, cfg.format_reward
-        if cfg.problems == "arithmetic":
-            train, val = verifiers.arithmetic_problems(cfg.arithmetic_max, cfg.arithmetic_train, cfg.val_prompts,
-                                                       cfg.seed)
-            malformed = []
-        else:
-            problems, malformed = verifiers.load_problems(cfg.problems)
-            train, val = split_heldout(problems, cfg.val_prompts / len(problems), cfg.seed)
-        encode = lambda ps: [tok.render_prompt([{"role": "user", "content": p["question"]}]) for p in ps]  # noqa: E731
-        train_ids, val_ids = encode(train), encode(val)
-        keep_train, keep_val = fit_context(train_ids, cfg, seq_len), fit_context(val_ids, cfg, seq_len)
-        if len(keep_train) < cfg.prompts_per_step or not keep_val:
-            raise StageError(f"{len(keep_train)} training and {len(keep_val)} held-out problems fit the context "
-                             f"with max_new_tokens={cfg.max_new_tokens}: lower rl.max_new_tokens or give more "
-                             f"(or shorter) problems")
-        self.train = [train_ids[i] for i in keep_train]
-        self.train_answers = [train[i]["answer"] for i in keep_train]
-        self.val = [val_ids[i] for i in keep_val]
-        self.val_answers = [val[i]["answer"] for i in keep_val]
-        self.stats = {"problems": cfg.problems, "train_problems": len(self.train), "val_problems": len(self.val),
-                      "too_long": len(train) + len(val) - len(self.train) - len(self.val),
-                      "malformed": {"count": len(malformed), "lines": malformed[:50]}}
-
-    def to(self, device) -> None:
-        pass  # the verifier is plain Python: nothing to move
-
-    def score(self, i: int, comps: list[list[int]]) -> list[dict]:
-        rows = []
-        for c in comps:
-            reward, correct = verifiers.score(reply_text(self.tok, c), self.train_answers[i], self.format_reward)
-            rows.append({"reward": reward, "correct": correct})
-        return rows
-
-    @torch.no_grad()
-    def evaluate(self, policy) -> dict:
-        """Accuracy and mean reward of greedy replies to the held-out problems."""
-        policy.eval()
-        results = [verifiers.score(reply_text(self.tok, generate(policy, p, 1, self.max_new, temperature=0,
-                                                                 stop_ids=(self.tok.end, self.tok.eos))[0]),
-                                   answer, self.format_reward)
-                   for p, answer in zip(self.val, self.val_answers)]
-        policy.train()
-        return {"val_accuracy": float(np.mean([ok for _, ok in results])),
-                "val_reward": float(np.mean([r for r, _ in results]))}
-
-
-def run(cfg: Config, chat: Artifact, *reward: Artifact, out: Artifact) -> dict:
-    if cfg.reward == "reward_model" and len(reward) != 1:
-        raise StageError(f"rl.reward=reward_model scores rollouts with a reward model, but {len(reward)} inputs "
-                         f"follow the chat model: pass the chat model then a reward_model artifact, or set "
-                         f"rl.reward=verifier to reward checkable answers instead")
-    if cfg.reward == "verifier" and reward:
-        raise StageError("rl.reward=verifier takes only the chat model as input: drop the other inputs "
-                         f"({', '.join(a.ref for a in reward)}), or set rl.reward=reward_model to use them")
-    policy, meta, _ = load_model(chat.path)
-    ref, _, _ = load_model(chat.path)
-    ref.requires_grad_(False).eval()
-    tok = ChatTokenizer(chat.path / TOKENIZER)
-    if cfg.reward == "verifier":
-        source = VerifierReward(cfg, tok, policy.cfg.seq_len)
-    else:
-        source = RewardModelReward(cfg, reward[0], tok, policy.cfg.seq_len, policy.cfg.vocab_size)
+def run_online(cfg: Config, policy, ref, tok: ChatTokenizer, source, out: Artifact) -> tuple[torch.nn.Module, dict]:
+    """GRPO or PPO against `source` (a RewardModelReward or VerifierReward): the trained policy and its stats."""
     before = source.evaluate(policy)
-
     torch.manual_seed(cfg.seed)
-    engine = trainer.make_engine(policy, cfg)
+    model = po.PolicyWithValue(policy) if cfg.method == "ppo" else policy
+    engine = trainer.make_engine(model, cfg)
     source.to(engine.device)
     rollout_dir = out.path / "rollouts"
-    rollouts = Rollouts(cfg, engine, ref.to(engine.device), source.score, tok, source.train, rollout_dir)
-    history = trainer.fit(engine, cfg, cfg.steps, rollouts, grpo_loss(cfg, rollout_dir),
+    rollouts = Rollouts(cfg, engine, ref.to(engine.device), source, tok, rollout_dir)
+    monitor: list[dict] = []
+    history = trainer.fit(engine, cfg, cfg.steps * rollouts.updates, rollouts, online_loss(cfg, monitor),
                           out.path / "checkpoints", log_every=5)
-    policy = engine.module
+    policy = rollouts.policy()
     after = source.evaluate(policy)
-    kl = mean_kl(policy, ref, tok, source.val, cfg.max_new_tokens)
     table = pa.concat_tables([ipc.open_file(str(p)).read_all() for p in sorted(rollout_dir.glob("*.arrow"))])
     per_step = [("reward", "mean"), ("kl", "mean")] + ([("correct", "mean")] if "correct" in table.column_names
                                                        else [])
     by_step = table.group_by("step").aggregate(per_step).sort_by("step")
-    save_model(policy, out.path, chat.path / TOKENIZER,
-               {"stage": NAME, "tokenizer_sha256": meta["tokenizer_sha256"]})
-    shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
     stats = {
-        "method": "grpo",
         "reward": cfg.reward,
         **source.stats,
         "val_prompts": len(source.val),
         **{f"{k}_before": v for k, v in before.items()},
         **{f"{k}_after": v for k, v in after.items()},
-        "val_kl_to_reference": kl,
-        "kl_within_bound": kl <= cfg.kl_bound,
+        "val_kl_to_reference": mean_kl(policy, ref, tok, source.val, cfg.max_new_tokens),
         "rollouts": table.num_rows,
         "train_reward_by_step": by_step.column("reward_mean").to_pylist(),
         "train_kl_by_step": by_step.column("kl_mean").to_pylist(),
@@ -328,7 +275,78 @@ def run(cfg: Config, chat: Artifact, *reward: Artifact, out: Artifact) -> dict:
     }
     if "correct_mean" in by_step.column_names:
         stats["train_accuracy_by_step"] = by_step.column("correct_mean").to_pylist()
-    return stats
+    if monitor:  # PPO: how often the ratio left the clip range, and how far the policy moved per batch
+        stats["ppo_clip_frac"] = float(np.mean([i["clip_frac"] for i in monitor]))
+        stats["ppo_approx_kl"] = float(np.mean([i["approx_kl"] for i in monitor]))
+    return policy, stats
+
+
+def run_dpo(cfg: Config, policy, ref, tok: ChatTokenizer, train: list, val: list, out: Artifact):
+    """DPO on preference pairs against the frozen reference: the trained policy and its stats."""
+    before = dpo_eval(ref, ref, val, tok.pad, cfg.beta)
+    torch.manual_seed(cfg.seed)
+    engine = trainer.make_engine(policy, cfg)
+    ref.to(engine.device)
+    # the reference's log-probabilities never change: computed once, (chosen, rejected) per training pair
+    train = [(c, r, float(lc), float(lr)) for (c, r), (lc, lr) in zip(train, pair_logps(ref, train, tok.pad))]
+
+    def collate(items):  # -> x (2B, T), mask (2B, T-1), reference log-probs (2B,): the B chosen sides first
+        sides = [c for c, _, _, _ in items] + [r for _, r, _, _ in items]
+        x = pad_batch([ids for ids, _ in sides], tok.pad)
+        m = pad_batch([mask for _, mask in sides], 0).float()[:, : x.size(1) - 1]
+        return x, m, torch.tensor([lc for _, _, lc, _ in items] + [lr for _, _, _, lr in items])
+
+    def loss_fn(eng, batch):
+        x, m, ref_lp = (t.to(eng.device) for t in batch)
+        lp = po.sequence_logprobs(eng(x[:, :-1]), x, m)
+        n = lp.size(0) // 2
+        return po.dpo_loss(lp[:n], lp[n:], ref_lp[:n], ref_lp[n:], cfg.beta)[0]
+
+    loader = ExampleLoader(train, cfg.micro_batch_size, cfg.seed, collate)
+    history = trainer.fit(engine, cfg, cfg.steps, loader, loss_fn, out.path / "checkpoints", log_every=10)
+    policy = engine.module
+    after = dpo_eval(policy, ref, val, tok.pad, cfg.beta)
+    prompts = [c[0][: len(c[0]) - int(sum(c[1]))] for c, _ in val]  # each held-out pair's prompt
+    prompts = [p for p in prompts if len(p) + cfg.max_new_tokens <= policy.cfg.seq_len]
+    return policy, {
+        "train_pairs": len(train),
+        "val_pairs": len(val),
+        "val_logp_margin_before": before["logp_margin"],  # log pi(chosen) - log pi(rejected), the reference
+        "val_logp_margin_after": after["logp_margin"],
+        "val_reward_accuracy": after["accuracy"],         # implicit reward beta x log(pi/ref): chosen > rejected
+        "val_reward_accuracy_ci95": after["accuracy_ci95"],
+        "val_reward_margin": after["reward_margin"],
+        "train_loss": history[-1]["loss"],
+        "val_kl_to_reference": mean_kl(policy, ref, tok, prompts, cfg.max_new_tokens),
+        "curve": trainer.thin(history),
+    }
+
+
+def run(cfg: Config, chat: Artifact, *inputs: Artifact, out: Artifact) -> dict:
+    given = sort_inputs(cfg, inputs)
+    policy, meta, _ = load_model(chat.path)
+    ref, _, _ = load_model(chat.path)
+    ref.requires_grad_(False).eval()
+    tok = ChatTokenizer(chat.path / TOKENIZER)
+    if cfg.method == "dpo":
+        pairs = import_data.load_records(given["preferences"], "preferences")
+        train, val = dpo_pairs(cfg, pairs, tok, policy.cfg.seq_len)
+        policy, stats = run_dpo(cfg, policy, ref, tok, train, val, out)
+        stats["preferences"] = given["preferences"].ref
+    else:
+        if cfg.reward == "verifier":
+            problems = given.get("problems")
+            source = VerifierReward(cfg, import_data.load_records(problems, "problems") if problems else None,
+                                    problems.ref if problems else "arithmetic", tok, policy.cfg.seq_len)
+        else:
+            prompts = import_data.load_records(given["preferences"], "preferences")
+            source = RewardModelReward(cfg, given["reward_model"], prompts, tok, policy.cfg.seq_len,
+                                       policy.cfg.vocab_size)
+        policy, stats = run_online(cfg, policy, ref, tok, source, out)
+    save_model(policy, out.path, chat.path / TOKENIZER, {"stage": NAME, "tokenizer_sha256": meta["tokenizer_sha256"]})
+    shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+    stats["kl_within_bound"] = stats["val_kl_to_reference"] <= cfg.kl_bound
+    return {"method": cfg.method, **stats}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from stages.lm import verifiers
 from stages.lm.chat import ChatTokenizer
 from stages.lm.checkpoint import save_model
 from stages.lm.gpt import GPT, GPTConfig
+from stages.lm.rl_data import VerifierReward
 
 GSM8K = Path(__file__).resolve().parent.parent / "data" / "eval" / "gsm8k-test.shared300.jsonl"
 
@@ -108,7 +109,7 @@ def chat(tmp_path_factory):
 
 
 def test_rl_with_verifier_runs_end_to_end(chat, tmp_path):
-    cfg = rl.Config(reward="verifier", problems="arithmetic", arithmetic_max=20, arithmetic_train=30, val_prompts=4,
+    cfg = rl.Config(reward="verifier", arithmetic_max=20, arithmetic_train=30, val_prompts=4,
                     format_reward=0.5, steps=2, prompts_per_step=2, group_size=3, max_new_tokens=8, lr=1e-4,
                     warmup_steps=1, precision="fp32")
     s = rl.run(cfg, chat, out=Artifact(rl.NAME, "verifier", tmp_path))
@@ -139,28 +140,46 @@ def test_rl_with_verifier_runs_end_to_end(chat, tmp_path):
     assert tok.vocab_size == 640
 
 
-def test_verifier_problems_from_a_jsonl_file(chat, tmp_path):
-    path = tmp_path / "problems.jsonl"
+def test_verifier_problems_from_imported_records(chat):
     train, val = verifiers.arithmetic_problems(50, 40, 10, seed=0)
-    lines = [json.dumps(p) for p in train + val] + ['{"question": "too long ' + "x " * 80 + '", "answer": "1"}',
-                                                    '{"answer": "1"}']
-    path.write_text("\n".join(lines) + "\n")
-    cfg = rl.Config(reward="verifier", problems=str(path), val_prompts=10, max_new_tokens=16, prompts_per_step=2)
-    source = rl.VerifierReward(cfg, ChatTokenizer(chat.path / "tokenizer.model"), seq_len=64)
-    assert source.stats["malformed"]["count"] == 1 and source.stats["malformed"]["lines"][0]["line"] == 52
+    records = train + val + [{"question": "too long " + "x " * 80, "answer": "1"}]
+    cfg = rl.Config(reward="verifier", val_prompts=10, max_new_tokens=16, prompts_per_step=2)
+    source = VerifierReward(cfg, records, "import_data/abc", ChatTokenizer(chat.path / "tokenizer.model"), seq_len=64)
+    assert source.stats["problems"] == "import_data/abc"
     assert source.stats["too_long"] == 1  # the 80-word question leaves no room for a reply in 64 tokens
     assert len(source.train) + len(source.val) == 50 and len(source.val) >= 9
     assert len(source.train_answers) == len(source.train) and len(source.val_answers) == len(source.val)
     assert source.score(0, [[]]) == [{"reward": 0.0, "correct": False}]
+    with pytest.raises(StageError, match="RL needs training and held-out ones"):
+        VerifierReward(cfg, records[:1], "import_data/one", ChatTokenizer(chat.path / "tokenizer.model"), 64)
 
 
 def test_reward_source_and_inputs_must_agree(chat, tmp_path):
     out = Artifact(rl.NAME, "bad", tmp_path)
     with pytest.raises(StageError, match="pass the chat model then a reward_model artifact.*rl.reward=verifier"):
         rl.run(rl.Config(reward="reward_model"), chat, out=out)
-    with pytest.raises(StageError, match="takes only the chat model"):
+    with pytest.raises(StageError, match=r"sft/random \(sft\) is not an rl input"):
         rl.run(rl.Config(reward="verifier"), chat, chat, out=out)
     with pytest.raises(ValueError, match="reward must be reward_model or verifier"):
         rl.Config(reward="human")
     with pytest.raises(ValueError, match="format_reward"):
         rl.Config(format_reward=-1.0)
+
+
+def test_worked_answers_are_right_column_arithmetic():
+    train, val = verifiers.arithmetic_problems(99, 300, 50, seed=5, worked=True)
+    assert [p["question"] for p in train] == [p["question"] for p in verifiers.arithmetic_problems(99, 300, 50, 5)[0]]
+    for p in train + val:
+        a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", p["question"]).groups()
+        a, b = int(a), int(b)
+        steps = re.findall(r"(\d+) ([+-]) (\d) [+-] (\d) = (\d+)\.", p["answer"])
+        assert len(steps) == 2  # ones, then tens
+        carry, digits = 0, []
+        for (x, o, y, c, z), da, db in zip(steps, (a % 10, a // 10), (b % 10, b // 10)):
+            x, y, c, z = int(x), int(y), int(c), int(z)
+            assert o == op and y == db and c == carry and x % 10 == da
+            assert z == (x + y + c if op == "+" else x - y - c) and 0 <= z <= 19
+            carry = z // 10 if op == "+" else int(x >= 10)
+            digits.append(z % 10 if op == "+" else z)
+        value = digits[0] + 10 * digits[1] + 100 * (carry if op == "+" else 0)
+        assert value == (a + b if op == "+" else a - b) and verifiers.reference(p["answer"]) == str(value)

@@ -60,12 +60,32 @@ def arithmetic_space(max_value: int) -> int:
     return n * n + n * (n + 1) // 2
 
 
-def arithmetic_problems(max_value: int, n_train: int, n_val: int, seed: int) -> tuple[list[dict], list[dict]]:
+def worked_steps(a: int, op: str, b: int, width: int) -> str:
+    """Column arithmetic, ones digit first, one step per digit with its carry (+) or borrow (-) always written:
+    "3 + 8 + 0 = 11. 2 + 4 + 1 = 7." for 23 + 48; "11 - 8 - 0 = 3. 7 - 4 - 1 = 2." for 71 - 48 (a borrowing
+    step writes the digit plus 10). Each step is a one-digit lookup, which a tiny model learns far more
+    reliably than the whole sum at once (Lee et al. 2023, "Teaching arithmetic to small transformers")."""
+    steps, carry = [], 0
+    for i in range(width):
+        da, db = a // 10 ** i % 10, b // 10 ** i % 10
+        if op == "+":
+            steps.append(f"{da} + {db} + {carry} = {da + db + carry}.")
+            carry = (da + db + carry) // 10
+        else:
+            borrow = int(da - db - carry < 0)
+            steps.append(f"{da + 10 * borrow} - {db} - {carry} = {da + 10 * borrow - db - carry}.")
+            carry = borrow
+    return " ".join(steps)
+
+
+def arithmetic_problems(max_value: int, n_train: int, n_val: int, seed: int,
+                        worked: bool = False) -> tuple[list[dict], list[dict]]:
     """(train, held-out) lists of distinct problems "What is a + b?" / "What is a - b?" with 0 <= a, b <= max_value.
 
     Deterministic by seed. Held-out problems are drawn first and training problems are never one of them, so the
     two are disjoint and the held-out set depends only on (max_value, n_val, seed), not on n_train. The answer is
-    written out GSM8K style, "23 + 48 = 71. #### 71", so it also serves as the target reply for SFT.
+    written out GSM8K style, "23 + 48 = 71. #### 71", so it also serves as the target reply for SFT; with
+    `worked`, as column arithmetic (worked_steps) before the "#### 71" line. Only the final number is checked.
     """
     space = arithmetic_space(max_value)
     if n_train < 1 or n_val < 1:
@@ -88,6 +108,7 @@ def arithmetic_problems(max_value: int, n_train: int, n_val: int, seed: int) -> 
 
     def problem(a: int, op: str, b: int) -> dict:
         c = a + b if op == "+" else a - b
-        return {"question": f"What is {a} {op} {b}?", "answer": f"{a} {op} {b} = {c}. #### {c}"}
+        work = worked_steps(a, op, b, len(str(max_value))) if worked else f"{a} {op} {b} = {c}."
+        return {"question": f"What is {a} {op} {b}?", "answer": f"{work} #### {c}"}
 
     return [problem(*t) for t in drawn[n_val:]], [problem(*t) for t in drawn[:n_val]]
