@@ -292,6 +292,37 @@ def test_run_through_the_deployment_on_a_worker(deployed, tmp_path):
     assert sorted(a["key"] for a in artifacts) == ["download", "download-progress"]  # stats, and progress
 
 
+def test_training_stage_runs_as_its_own_deployment_on_the_gpu_pool(deployed, tmp_path):
+    """The end-to-end run (cpu worker) hands pretrain to the `train` deployment (gpu worker) and waits for it;
+    its own pretrain task then finds the artifact that run committed and reuses it."""
+    env, url = deployed
+    root = tmp_path / "artifacts"
+    gpu = subprocess.Popen([sys.executable, "-m", "flows.cli", "worker", "gpu"], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        made = crawl2chat("run", "--deployment", "--no-wait", "--until", "pretrain", "--root", str(root),
+                          "--set", "pretrain.steps=2", "--set", "pretrain.warmup_steps=1",
+                          "--set", "pretrain.eval_batches=1", env=env)
+        assert made.returncode == 0 and "/runs/flow-run/" in made.stdout, made.stdout + made.stderr
+        run_id = made.stdout.split("/runs/flow-run/")[1].split()[0]
+        worker = crawl2chat("worker", "cpu", "--run-once", env=env)
+    finally:
+        gpu.terminate()
+        gpu_log = gpu.communicate(timeout=60)[0]
+    status, run = api(url, f"/flow_runs/{run_id}")
+    assert run["state"]["type"] == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:] + gpu_log[-3000:]
+    train = _deployment(url, "crawl2chat-train/train")
+    runs = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [train["id"]]}}})[1]
+    assert [(r["parameters"]["stage"], r["state"]["type"]) for r in runs] == [("pretrain", "COMPLETED")], gpu_log
+    assert runs[0]["parent_task_run_id"]  # a subflow of the end-to-end run: cancel or retry it on its own
+    store = ArtifactStore(str(root))
+    built_by_train = store.read_alias("pretrain", "latest")
+    assert built_by_train and store.manifest("pretrain", built_by_train)["stats"]["steps"] == 2
+    published = api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]},
+                                                             "key": {"any_": ["pretrain"]}}})[1]
+    assert published and "Reused the committed artifact" in published[0]["data"]  # not trained twice
+
+
 def test_prefect_yaml_registers_the_same_deployments(deployed):
     """infra/prefect.yaml through Prefect's own `prefect deploy` gives what `crawl2chat deploy` gives."""
     from flows.deploy import DEPLOYMENTS
