@@ -72,21 +72,35 @@ def bare(extract, cfg, download, out: Path) -> dict:
     return {}
 
 
-def timed(side, extract, cfg, download, scratch: Path) -> tuple[float, float, float, dict]:
-    """(wall s, CPU s of this process and its finished children, s inside the extractor step, stats) of one run
-    into a fresh folder. The extractor's time is datatrove's own timing of that step (its track_time around each
-    document, sandbox round trip included), from the filter stage's stats file."""
+def step_seconds(out: Path) -> dict[str, float]:
+    """{step: s} by datatrove's own timing of each step (its track_time; seconds on one core): every step of the
+    filter stage (a filter's time is its own; the extractor's includes the sandbox round trip) and the MinHash
+    signature step, whose time includes reading and exact-dedup filtering its input. Steps named alike add up."""
+    seconds: dict[str, float] = {}
+    wanted = {"filter": lambda name: "METER" not in name, "minhash_signature": lambda name: "MinHash" in name}
+    for stage, keep in wanted.items():
+        for step in json.loads((out / "logs" / stage / "stats" / "00000.json").read_text()):
+            if keep(step["name"]) and isinstance(step.get("time_stats"), dict):
+                name = step["name"].split(": ", 1)[-1]  # "🔻 - FILTER: 👯 Gopher Repetition" -> after ": "
+                seconds[name] = seconds.get(name, 0.0) + step["time_stats"]["total"]
+    return seconds
+
+
+def timed(side, extract, cfg, download, scratch: Path) -> tuple[float, float, float, dict, dict]:
+    """(wall s, CPU s of this process and its finished children, s inside the extractor step, stats, step_seconds) of
+    one run into a fresh folder. The extractor's time is datatrove's own timing of that step (its track_time around
+    each document, sandbox round trip included), from the filter stage's stats file."""
     out = Path(tempfile.mkdtemp(dir=scratch))
     before, started = os.times(), time.perf_counter()
     with quiet():
         stats = side(extract, cfg, download, out)
     wall, after = time.perf_counter() - started, os.times()
     cpu = sum(after[i] - before[i] for i in range(4))  # user + system, self and children (the extractor sandbox)
-    steps = json.loads((out / "logs" / "filter" / "stats" / "00000.json").read_text())
-    # the extractor step's entry is named like "🛢 - EXTRAC: ⛏ Trafilatura"
-    extractor = sum(step["time_stats"]["total"] for step in steps if "⛏" in step["name"])
+    steps = step_seconds(out)
+    # the extractor step is named like "⛏ Trafilatura"
+    extractor = sum(t for name, t in steps.items() if "⛏" in name)
     shutil.rmtree(out)
-    return wall, cpu, extractor, stats
+    return wall, cpu, extractor, stats, steps
 
 
 def main() -> None:
@@ -119,10 +133,13 @@ def main() -> None:
         print(f"{len(warcs) * args.copies} WARC files, {pages} HTML pages; kept: "
               + ", ".join(f"{e} {n}" for e, n in documents.items()))
         times: dict[tuple[str, str], list[tuple[float, float, float]]] = {(e, s): [] for e, s, _ in runs}
+        steps: dict[str, list[dict[str, float]]] = {e: [] for e in configs}  # the `ours` runs' step_seconds
         for r in range(args.rounds):
             for e, s, side in runs if r % 2 == 0 else runs[::-1]:
-                wall, cpu, extractor, _ = timed(side, extract, configs[e], download, scratch)
+                wall, cpu, extractor, _, seconds = timed(side, extract, configs[e], download, scratch)
                 times[e, s].append((wall, cpu, extractor))
+                if s == "ours":
+                    steps[e].append(seconds)
                 print(f"round {r}: {e:<11} {s:<4} {wall:6.2f} s wall {cpu:6.2f} CPU-s {extractor:6.2f} s extracting",
                       flush=True)
 
@@ -145,6 +162,13 @@ def main() -> None:
         wall, cpu, ex = median(e, s), median(e, s, 1), median(e, s, 2)
         print(f"{e:<12} {s:<5} {wall:7.2f} {cpu:7.2f} {ex:9.2f} {pages / cpu:10.1f} {pages / ex:14.1f}"
               f" {documents[e]:5d}")
+    # Where the time goes: a step's cost is the same whichever extractor ran before it, give or take the text it gets,
+    # so everything but the extractor line is what the faster extractor cannot make faster.
+    names = list(dict.fromkeys(name for e in steps for run in steps[e] for name in run))
+    print(f"{'step (median s, ours)':<28}" + "".join(f" {e:>12}" for e in steps))
+    for name in names:
+        print(f"{name:<28}" + "".join(f" {statistics.median(run.get(name, 0.0) for run in steps[e]):12.2f}"
+                                      for e in steps))
 
 
 if __name__ == "__main__":

@@ -45,22 +45,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupSignature
+from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster
 from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
                                                   ExactFindDedups)
 from datatrove.pipeline.dedup.minhash import MinhashBuildIndex, MinhashConfig
 from datatrove.pipeline.extractors import Trafilatura
-from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
-                                        GopherRepetitionFilter)
+from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter
 from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 from datatrove.utils.hashing import HashConfig
 
 from stages.artifacts import Artifact
 from stages.common import StageError, main, runtime
 from stages.extract_executors import make_executor, stage_totals, wait_for_slurm
-from stages.extract_steps import (CountingPIIFormatter, FilteredReader, LocalBadWordsFilter, Meter,  # noqa: F401
-                                  MinhashFilter, OfflineLanguageFilter, OfflineURLFilter, ReasonWriter, Resiliparse,
-                                  lid_model_path, normalised_text, shared_tokenizer)
+from stages.extract_steps import (CountingPIIFormatter, FastC4QualityFilter, FastGopherRepetitionFilter,  # noqa: F401
+                                  FastMinhashSignature, FilteredReader, LocalBadWordsFilter, Meter, MinhashFilter,
+                                  OfflineLanguageFilter, OfflineURLFilter, ReasonWriter, Resiliparse, lid_model_path,
+                                  normalised_text, shared_tokenizer)
 from stages.warc_reader import SKIP_REASONS, UNREADABLE, SafeWarcReader
 
 NAME = "extract"
@@ -189,7 +189,8 @@ def build_stages(cfg: Config, warc_dir: Path, out: Path, earlier_index: Path | N
         extractor = Resiliparse(timeout=cfg.extract_timeout_s)
 
     # The quality rules and MinHash are English rules either way (see Config.languages); they share one tokenizer:
-    # datatrove's spaCy tokens, faster (extract_steps.SharedSpaCyTokenizer).
+    # datatrove's spaCy tokens, faster (extract_steps.SharedSpaCyTokenizer). The Fast* filters are datatrove's with
+    # the same decisions, text and stats in less time (extract_steps; tests/test_extract_speedups.py).
     english = shared_tokenizer("en")
     filters: Steps = [
         ("read_warc", SafeWarcReader(str(warc_dir), cfg.max_record_bytes)),
@@ -200,14 +201,14 @@ def build_stages(cfg: Config, warc_dir: Path, out: Path, earlier_index: Path | N
                                            exclusion_writer=excluded("language"))),
     ]
     if cfg.gopher_repetition:
-        filters.append(("gopher_repetition", GopherRepetitionFilter(language=english,
-                                                                    exclusion_writer=excluded("gopher_repetition"))))
+        filters.append(("gopher_repetition", FastGopherRepetitionFilter(
+            language=english, exclusion_writer=excluded("gopher_repetition"))))
     if cfg.gopher_quality:
         filters.append(("gopher_quality", GopherQualityFilter(min_doc_words=cfg.min_doc_words, language=english,
                                                               exclusion_writer=excluded("gopher_quality"))))
     if cfg.c4_quality:
-        filters.append(("c4_quality", C4QualityFilter(filter_no_terminal_punct=False, language=english,
-                                                      exclusion_writer=excluded("c4_quality"))))
+        filters.append(("c4_quality", FastC4QualityFilter(filter_no_terminal_punct=False, language=english,
+                                                          exclusion_writer=excluded("c4_quality"))))
     if cfg.fineweb_quality:
         filters.append(("fineweb_quality", FineWebQualityFilter(language=english,
                                                                 exclusion_writer=excluded("fineweb_quality"))))
@@ -236,7 +237,7 @@ def build_stages(cfg: Config, warc_dir: Path, out: Path, earlier_index: Path | N
     if cfg.minhash_dedup:
         # MinHash indexes the documents that survive exact dedup, so its stages see the same stream as `write` does.
         signature = [reader] + ([(None, exact_filter(exclude=False))] if cfg.exact_dedup else [])
-        signature.append((None, MinhashDedupSignature(minhash_sigs, config=minhash_cfg, language=english)))
+        signature.append((None, FastMinhashSignature(minhash_sigs, config=minhash_cfg, language=english)))
         stages["minhash_signature"] = (signature, 0)
         stages["minhash_index"] = ([(None, MinhashBuildIndex(minhash_sigs, str(out / "minhash_index"), INDEX_NAME,
                                                              config=minhash_cfg))], cfg.minhash_buckets)
