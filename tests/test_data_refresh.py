@@ -18,7 +18,8 @@ from warcio.archiveiterator import ArchiveIterator
 from flows.data_refresh import DATASET, data_refresh
 from stages.artifacts import ArtifactStore
 
-ZYTE = Path(__file__).resolve().parent.parent / "data/tiny-cc/crawl-data/CC-MAIN-2024-22/segments/tiny-samples/warc/zyte-aeb-part1.warc.gz"
+TINY = Path(__file__).resolve().parent.parent / "data/tiny-cc/crawl-data/CC-MAIN-2024-22"
+ZYTE = TINY / "segments/tiny-samples/warc/zyte-aeb-part1.warc.gz"  # 120 news pages: the mirror's WARCs cut from it
 OLD, NEW = "CC-MAIN-2099-05", "CC-MAIN-2099-09"
 # small presets for speed: a 300-piece tokenizer is enough to tokenize ~40 news pages
 OVERRIDES = ["train_tokenizer.vocab_size=400", "train_tokenizer.heldout_chars=2000"]

@@ -46,7 +46,10 @@ def source(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     home = tmp_path_factory.mktemp("prefect")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    # not PREFECT_* (the test picks its server) nor torch.distributed's variables: in-process training in an
+    # earlier test set them here, with its rendezvous port still open, and a child would try to listen on it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")
+           and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
                CRAWL2CHAT_ROOT=str(home / "artifacts"), PYTHONUNBUFFERED="1")
     return env

@@ -102,7 +102,10 @@ def _user_exists(name: str) -> bool:
 def server(postgres, tmp_path_factory):
     """`crawl2chat server start` on the PostgreSQL database with auth on; yields (client env, API URL)."""
     home = tmp_path_factory.mktemp("prefect-home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    # not PREFECT_* (the test picks its server) nor torch.distributed's variables: in-process training in an
+    # earlier test set them here, with its rendezvous port still open, and a child would try to listen on it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")
+           and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(PREFECT_HOME=str(home), PYTHONUNBUFFERED="1", PREFECT_SERVER_API_AUTH_STRING=AUTH, COLUMNS="200",
                # the scheduler turns schedules into runs every 60 s by default; the test checks those runs
                PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")

@@ -61,7 +61,10 @@ def server_with_a_run(tmp_path_factory):
     """A local server and one tiny run up to extract on it; yields the UI's URL."""
     home = tmp_path_factory.mktemp("prefect-home")
     source = small_source(tmp_path_factory.mktemp("cc") / "tiny-cc")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    # not PREFECT_* (the test picks its server) nor torch.distributed's variables: in-process training in an
+    # earlier test set them here, with its rendezvous port still open, and a child would try to listen on it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")
+           and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(PREFECT_HOME=str(home), CRAWL2CHAT_ROOT=str(home / "artifacts"), PYTHONUNBUFFERED="1")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
