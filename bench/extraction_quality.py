@@ -40,58 +40,29 @@ DATA = ROOT.parent / "shared" / "data" / "extraction"  # /work/shared/data/extra
 WORD = re.compile(r"\w+")  # the benchmark's tokenizer
 
 
-def load_pages(data: Path) -> list[tuple[str, str, str]]:
-    """[(url, html, expected_text)] for the Zyte WARC response records that have ground truth."""
+def warc_pages(warc: Path, labels: Path) -> list[tuple[str, str, dict]]:
+    """[(url, html, label row)] for the WARC's response records whose URL has a row in the labels JSONL."""
     from datatrove.pipeline.readers.warc import process_record
     from warcio.archiveiterator import ArchiveIterator
 
-    truth = {}
-    for line in (data / "zyte-aeb.part1.ground_truth.jsonl").read_text(encoding="utf-8").splitlines():
+    rows = {}
+    for line in labels.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        truth[row["url"]] = row["expected_text"]
+        rows[row["url"]] = row
     pages = []
-    with open(data / "zyte-aeb.part1.warc.gz", "rb") as f:
+    with open(warc, "rb") as f:
         for record in ArchiveIterator(f):
             doc = process_record(record)
-            if doc and doc["url"] in truth:
-                pages.append((doc["url"], doc["text"], truth[doc["url"]]))
+            if doc and doc["url"] in rows:
+                pages.append((doc["url"], doc["text"], rows[doc["url"]]))
     return pages
 
 
-def token_scores(expected: str, predicted: str) -> tuple[float, float, float]:
-    """(P, R, F1) over bags of whitespace tokens. Both empty: perfect; one empty: 0 for what has no denominator."""
-    want, got = Counter(expected.split()), Counter(predicted.split())
-    tp = sum((want & got).values())
-    n_want, n_got = sum(want.values()), sum(got.values())
-    if n_want == n_got == 0:
-        return 1.0, 1.0, 1.0
-    p = tp / n_got if n_got else 0.0
-    r = tp / n_want if n_want else 0.0
-    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
-
-
-def shingle_counts(expected: str, predicted: str, n: int = 4) -> tuple[float, float, float]:
-    """The benchmark's string_shingle_matching: (tp, fp, fn) over n-gram shingles, normalised to sum to 1."""
-    def shingles(text: str) -> Counter:
-        tokens = WORD.findall(text or "")
-        return Counter(tuple(tokens[i:i + n]) for i in range(max(1, len(tokens) - n + 1)) if tokens[i:i + n])
-
-    want, got = shingles(expected), shingles(predicted)
-    tp = sum((want & got).values())
-    fp, fn = sum((got - want).values()), sum((want - got).values())
-    s = tp + fp + fn
-    return (tp / s, fp / s, fn / s) if s else (0.0, 0.0, 0.0)
-
-
-def shingle_scores(counts: list[tuple[float, float, float]]) -> tuple[float, float, float]:
-    """The benchmark's metrics_from_tp_fp_fns: mean P over pages that predicted something, mean R over pages with
-    truth, F1 of the two means."""
-    def score(tp, miss_a, miss_b):
-        return 1.0 if miss_a == miss_b == 0 else (0.0 if tp == miss_a == 0 else tp / (tp + miss_a))
-
-    p = statistics.mean(score(tp, fp, fn) for tp, fp, fn in counts if tp + fp > 0)
-    r = statistics.mean(score(tp, fn, fp) for tp, fp, fn in counts if tp + fn > 0)
-    return p, r, 2 * p * r / (p + r)
+def load_pages(data: Path) -> list[tuple[str, str, str]]:
+    """[(url, html, expected_text)] for the Zyte WARC response records that have ground truth."""
+    return [(url, html, row["expected_text"])
+            for url, html, row in warc_pages(data / "zyte-aeb.part1.warc.gz",
+                                             data / "zyte-aeb.part1.ground_truth.jsonl")]
 
 
 def half(url: str) -> str:
@@ -101,20 +72,7 @@ def half(url: str) -> str:
 
 def load_snippet_pages(data: Path) -> list[tuple[str, str, dict]]:
     """[(url, html, annotation)] for trafilatura-eval.part1: annotation["with"] / ["without"] are snippet lists."""
-    from datatrove.pipeline.readers.warc import process_record
-    from warcio.archiveiterator import ArchiveIterator
-
-    notes = {}
-    for line in (data / "trafilatura-eval.part1.annotations.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        notes[row["url"]] = row
-    pages = []
-    with open(data / "trafilatura-eval.part1.warc.gz", "rb") as f:
-        for record in ArchiveIterator(f):
-            doc = process_record(record)
-            if doc and doc["url"] in notes:
-                pages.append((doc["url"], doc["text"], notes[doc["url"]]))
-    return pages
+    return warc_pages(data / "trafilatura-eval.part1.warc.gz", data / "trafilatura-eval.part1.annotations.jsonl")
 
 
 def extract_all(extractor, htmls: list[str]) -> tuple[list[str], int, float]:
