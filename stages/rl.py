@@ -16,12 +16,21 @@ Inputs: the chat model first, then, recognised by their stage (and an import_dat
 
 GRPO and PPO sample `prompts_per_step` prompts x `group_size` completions per step from the current policy with
 the KV-cache engine (stages/lm/engine.py) and score them; the losses are in stages/lm/policy_opt.py. Every
-rollout (prompt, completion, reward, KL, step) is written to rollouts/step_*.arrow, so a run can be audited and
-re-scored. GRPO takes one gradient step per rollout batch; PPO takes ppo_epochs x ppo_minibatches.
+rollout (prompt, completion, reward, KL, step, rank) is written to rollouts/step_<step>_rank_<rank>.arrow, so a
+run can be audited and re-scored. GRPO takes one gradient step per rollout batch; PPO takes ppo_epochs x
+ppo_minibatches.
+
+Several ranks (stages/lm/launch.py): as in sft, batch sizes are per rank. Each rank samples its own
+prompts_per_step prompts of every rollout batch (a seeded draw of prompts_per_step x world distinct prompts,
+cut into one slice per rank) with all of each prompt's group_size completions, so a GRPO group never spans
+ranks, and DeepSpeed averages the ranks' gradients. DPO splits its pairs by rank (ExampleLoader). Every rank
+evaluates the same held-out prompts greedily (identical weights, identical results); rank 0 writes the model
+and reads every rank's rollout files for the stats.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -30,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
+import torch.distributed as dist
 
 from stages import import_data
 from stages.artifacts import Artifact
@@ -43,7 +53,7 @@ from stages.lm.examples import ExampleLoader, pad_batch
 from stages.lm.rl_data import RewardModelReward, VerifierReward, dpo_eval, dpo_pairs, pair_logps
 
 NAME = "rl"
-CODE_VERSION = 2  # 2: inputs from import_data; methods ppo and dpo
+CODE_VERSION = 3  # 2: inputs from import_data; methods ppo and dpo. 3: rank-aware, rollouts/step_*_rank_*.arrow
 METHODS = ("grpo", "ppo", "dpo")
 
 
@@ -57,7 +67,7 @@ class Config(trainer.TrainConfig):
     format_reward: float = 0.0    # verifier: bonus for ending with "#### <number>" (0: only the answer counts)
     val_prompts: int = 32         # held-out prompts (problems; pairs for dpo) measured before and after
     steps: int = 50               # grpo/ppo: rollout batches; dpo: optimizer steps
-    prompts_per_step: int = 4
+    prompts_per_step: int = 4     # per rank: each rank samples its own prompts (see the module docstring)
     group_size: int = 8           # completions per prompt (GRPO's group; PPO samples the same way)
     max_new_tokens: int = 48
     temperature: float = 1.0
@@ -131,16 +141,41 @@ def sort_inputs(cfg: Config, inputs: tuple[Artifact, ...]) -> dict[str, Artifact
     return {kind: arts[0] for kind, arts in found.items() if arts}
 
 
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks (set by the launcher; 0 and 1 in-process)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def from_every_rank(obj) -> list:
+    """[rank 0's obj, rank 1's, ...]: a collective, so every rank must call it at the same point."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 class Rollouts:
     """trainer.fit's loader for GRPO and PPO. Each rollout batch is sampled from the current policy, scored,
     written to Arrow and turned into `updates` minibatches (GRPO: the whole batch once; PPO: ppo_epochs passes
     of ppo_minibatches shuffled minibatches), one per next(). The state holds the minibatches not yet used, so
-    a resume continues the same batch."""
+    a resume continues the same batch (their old log-probabilities and values came from weights that no longer
+    exist, so they cannot be recomputed). `monitor` collects PPO's per-minibatch clip fraction and approximate
+    KL (online_loss appends to it); it is part of the state too, so a resumed run reports the whole run.
 
-    def __init__(self, cfg: Config, engine, ref, source, tok: ChatTokenizer, out_dir):
+    With several ranks each rank holds its own minibatches, but DeepSpeed saves the client state of rank 0
+    only: state_dict() gathers every rank's (a collective; trainer.fit calls it on every rank at the same
+    step) and load_state_dict() takes this rank's back."""
+
+    def __init__(self, cfg: Config, engine, ref, source, tok: ChatTokenizer, out_dir, rank: int = 0, world: int = 1):
         self.cfg, self.engine, self.ref, self.source, self.tok, self.out_dir = cfg, engine, ref, source, tok, out_dir
-        self.step, self.pending = 0, []
+        self.rank, self.world = rank, world
+        self.step, self.pending, self.monitor = 0, [], []
         self.updates = cfg.ppo_epochs * cfg.ppo_minibatches if cfg.method == "ppo" else 1
+        if len(source.train) < cfg.prompts_per_step * world:
+            raise StageError(f"{len(source.train)} training prompts for prompts_per_step={cfg.prompts_per_step} on "
+                             f"{world} ranks: each rank samples its own prompts, so lower rl.prompts_per_step, "
+                             f"use fewer ranks or give more prompts")
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def __iter__(self):
@@ -158,9 +193,15 @@ class Rollouts:
     @torch.no_grad()
     def collect(self) -> dict:
         cfg, tok, policy, dev = self.cfg, self.tok, self.policy(), self.engine.device
-        gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + self.step)
-        pick = np.random.default_rng([cfg.seed, self.step]).choice(len(self.source.train), cfg.prompts_per_step,
-                                                                  replace=False)
+        P = cfg.prompts_per_step
+        # Distinct prompts per rank, the DeepSpeed-Chat way (a DistributedSampler over the prompts, a per-device
+        # generation batch): one seeded draw of P x world distinct prompts per rollout batch, rank r takes the
+        # r-th slice of P, so no prompt is rolled out twice in a batch and each group stays on one rank
+        # (open-instruct also keeps a prompt's samples together). The sampling seed is distinct per (step, rank):
+        # step x world + rank numbers every rank's batches in order (with one rank, the seed is as before).
+        pick = np.random.default_rng([cfg.seed, self.step]).choice(len(self.source.train), P * self.world,
+                                                                  replace=False)[self.rank * P:(self.rank + 1) * P]
+        gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + self.step * self.world + self.rank)
         seqs, masks, rewards, rows = [], [], [], []
         policy.eval()
         for i in pick:
@@ -172,7 +213,8 @@ class Rollouts:
             for c, row in zip(comps, scored):
                 seqs.append(prompt + c)
                 masks.append([0] * (len(prompt) - 1) + [1] * len(c))  # aligned with targets seqs[1:]
-                rows.append({"step": self.step, "prompt": tok.decode(prompt), "completion": tok.decode(c), **row})
+                rows.append({"step": self.step, "rank": self.rank, "prompt": tok.decode(prompt),
+                             "completion": tok.decode(c), **row})
         x = pad_batch(seqs, tok.pad).to(dev)
         m = pad_batch(masks, 0).to(dev).float()[:, : x.size(1) - 1]
         ref_lp = po.token_logprobs(self.ref(x[:, :-1]), x)
@@ -185,13 +227,14 @@ class Rollouts:
         kl = (po.k3_kl(old_lp, ref_lp) * m).sum(1) / m.sum(1).clamp(min=1)
         for row, k in zip(rows, kl.tolist()):
             row["kl"] = k
-        table = pa.Table.from_pylist(rows)  # the audit trail: one Arrow file per rollout batch
-        with ipc.new_file(str(self.out_dir / f"step_{self.step:06d}.arrow"), table.schema) as w:
+        table = pa.Table.from_pylist(rows)  # the audit trail: one Arrow file per rollout batch and rank
+        with ipc.new_file(str(self.out_dir / f"step_{self.step:06d}_rank_{self.rank:03d}.arrow"), table.schema) as w:
             w.write_table(table)
         r = torch.tensor(rewards, device=dev)  # (prompts_per_step, group_size)
         if cfg.method == "grpo":
             return {"x": x, "mask": m, "adv": po.group_advantages(r, cfg.scale_rewards), "ref_lp": ref_lp}
         scores = po.ppo_rewards(r.flatten(), old_lp, ref_lp, m, cfg.kl_coef)
+        # GAE whitens the advantages over this rank's batch (as DeepSpeed-Chat's per-rank whiten does)
         adv, returns = po.gae(scores, values * m, m, cfg.gamma, cfg.lam)
         return {"x": x, "mask": m, "adv": adv, "returns": returns, "old_lp": old_lp, "old_values": values * m}
 
@@ -207,10 +250,16 @@ class Rollouts:
         return out
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "pending": [{k: v.cpu() for k, v in b.items()} for b in self.pending]}
+        mine = {"pending": [{k: v.cpu() for k, v in b.items()} for b in self.pending], "monitor": self.monitor}
+        return {"step": self.step, "ranks": from_every_rank(mine)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.pending = int(state["step"]), list(state["pending"])
+        if len(state["ranks"]) != self.world:
+            raise StageError(f"the checkpoint was written by {len(state['ranks'])} rank(s), this run has {self.world}: "
+                             f"resume with the same number of ranks (each holds part of the rollout batch)")
+        mine = state["ranks"][self.rank]
+        self.step, self.pending = int(state["step"]), list(mine["pending"])
+        self.monitor[:] = mine["monitor"]  # in place: online_loss holds this list
 
 
 def online_loss(cfg: Config, monitor: list):
@@ -245,25 +294,39 @@ def mean_kl(policy, ref, tok: ChatTokenizer, prompts, max_new: int) -> float:
 
 def run_online(cfg: Config, policy, ref, tok: ChatTokenizer, source, out: Artifact) -> tuple[torch.nn.Module, dict]:
     """GRPO or PPO against `source` (a RewardModelReward or VerifierReward): the trained policy and its stats."""
-    before = source.evaluate(policy)
+    rank, world = rank_world()
+    if cfg.zero_stage == 3 and world > 1:
+        # ZeRO-3 gathers each layer's weights in every forward pass, a collective; ranks sampling different
+        # prompts run different numbers of forward passes and would wait on each other for ever
+        raise StageError("rl with method=grpo/ppo cannot sample with zero_stage=3 on several ranks: set "
+                         "rl.zero_stage=1 or 2 (the weights are replicated for sampling anyway), or use one rank")
+    before = source.evaluate(policy)  # every rank: greedy, so each computes the same numbers
     torch.manual_seed(cfg.seed)
     model = po.PolicyWithValue(policy) if cfg.method == "ppo" else policy
     engine = trainer.make_engine(model, cfg)
     source.to(engine.device)
     rollout_dir = out.path / "rollouts"
-    rollouts = Rollouts(cfg, engine, ref.to(engine.device), source, tok, rollout_dir)
-    monitor: list[dict] = []
-    history = trainer.fit(engine, cfg, cfg.steps * rollouts.updates, rollouts, online_loss(cfg, monitor),
+    rollouts = Rollouts(cfg, engine, ref.to(engine.device), source, tok, rollout_dir, rank, world)
+    history = trainer.fit(engine, cfg, cfg.steps * rollouts.updates, rollouts, online_loss(cfg, rollouts.monitor),
                           out.path / "checkpoints", log_every=5)
     policy = rollouts.policy()
     after = source.evaluate(policy)
-    table = pa.concat_tables([ipc.open_file(str(p)).read_all() for p in sorted(rollout_dir.glob("*.arrow"))])
+    if dist.is_initialized():
+        dist.barrier()  # every rank's rollout files are closed before they are read
+    # exactly this run's files: a crashed attempt with more ranks (and no checkpoint) may have left others
+    files = [rollout_dir / f"step_{s:06d}_rank_{r:03d}.arrow" for s in range(cfg.steps) for r in range(world)]
+    if rank == 0:
+        for stale in set(rollout_dir.glob("*.arrow")) - set(files):
+            stale.unlink()
+    table = pa.concat_tables([ipc.open_file(str(p)).read_all() for p in files])
     per_step = [("reward", "mean"), ("kl", "mean")] + ([("correct", "mean")] if "correct" in table.column_names
                                                        else [])
     by_step = table.group_by("step").aggregate(per_step).sort_by("step")
+    monitor = [info for infos in from_every_rank(rollouts.monitor) for info in infos]
     stats = {
         "reward": cfg.reward,
         **source.stats,
+        "world_size": world,
         "val_prompts": len(source.val),
         **{f"{k}_before": v for k, v in before.items()},
         **{f"{k}_after": v for k, v in after.items()},
@@ -302,14 +365,16 @@ def run_dpo(cfg: Config, policy, ref, tok: ChatTokenizer, train: list, val: list
         n = lp.size(0) // 2
         return po.dpo_loss(lp[:n], lp[n:], ref_lp[:n], ref_lp[n:], cfg.beta)[0]
 
-    loader = ExampleLoader(train, cfg.micro_batch_size, cfg.seed, collate)
+    rank, world = rank_world()  # several ranks: each trains on its own pairs of every step, as sft
+    loader = ExampleLoader(train, cfg.micro_batch_size, cfg.seed, collate, rank, world)
     history = trainer.fit(engine, cfg, cfg.steps, loader, loss_fn, out.path / "checkpoints", log_every=10)
     policy = engine.module
-    after = dpo_eval(policy, ref, val, tok.pad, cfg.beta)
+    after = dpo_eval(policy, ref, val, tok.pad, cfg.beta)  # every rank, the same numbers (ZeRO-3 gathers per forward)
     prompts = [c[0][: len(c[0]) - int(sum(c[1]))] for c, _ in val]  # each held-out pair's prompt
     prompts = [p for p in prompts if len(p) + cfg.max_new_tokens <= policy.cfg.seq_len]
     return policy, {
         "train_pairs": len(train),
+        "world_size": world,
         "val_pairs": len(val),
         "val_logp_margin_before": before["logp_margin"],  # log pi(chosen) - log pi(rejected), the reference
         "val_logp_margin_after": after["logp_margin"],
@@ -343,8 +408,13 @@ def run(cfg: Config, chat: Artifact, *inputs: Artifact, out: Artifact) -> dict:
             source = RewardModelReward(cfg, given["reward_model"], prompts, tok, policy.cfg.seq_len,
                                        policy.cfg.vocab_size)
         policy, stats = run_online(cfg, policy, ref, tok, source, out)
-    save_model(policy, out.path, chat.path / TOKENIZER, {"stage": NAME, "tokenizer_sha256": meta["tokenizer_sha256"]})
-    shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+    rank, _ = rank_world()
+    with trainer.whole_params(policy):  # ZeRO-3 holds shards; every rank gathers, rank 0 writes
+        if rank == 0:
+            save_model(policy, out.path, chat.path / TOKENIZER,
+                       {"stage": NAME, "tokenizer_sha256": meta["tokenizer_sha256"]})
+    if rank == 0:
+        shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
     stats["kl_within_bound"] = stats["val_kl_to_reference"] <= cfg.kl_bound
     return {"method": cfg.method, **stats}
 

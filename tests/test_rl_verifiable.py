@@ -123,9 +123,10 @@ def test_rl_with_verifier_runs_end_to_end(chat, tmp_path):
     json.dumps(s)
 
     files = sorted((tmp_path / "rollouts").glob("*.arrow"))
-    assert [f.name for f in files] == ["step_000000.arrow", "step_000001.arrow"]
+    assert [f.name for f in files] == ["step_000000_rank_000.arrow", "step_000001_rank_000.arrow"]
     rows = [r for f in files for r in ipc.open_file(str(f)).read_all().to_pylist()]
     assert len(rows) == 12 and [r["step"] for r in rows] == [0] * 6 + [1] * 6
+    assert s["world_size"] == 1 and {r["rank"] for r in rows} == {0}
     train, _ = verifiers.arithmetic_problems(20, 30, 4, cfg.seed)
     questions = {p["question"] for p in train}
     tok = ChatTokenizer(chat.path / "tokenizer.model")

@@ -313,7 +313,7 @@ def test_rl_grpo_run(world, chat, rm, preferences):
     assert s["rollouts"] == cfg.steps * cfg.prompts_per_step * cfg.group_size
     assert len(s["train_reward_by_step"]) == len(s["train_kl_by_step"]) == 2
     files = sorted((res.artifact.path / "rollouts").glob("*.arrow"))
-    assert [f.name for f in files] == ["step_000000.arrow", "step_000001.arrow"]
+    assert [f.name for f in files] == ["step_000000_rank_000.arrow", "step_000001_rank_000.arrow"]
     rows = []
     for f in files:
         table = ipc.open_file(str(f)).read_all()

@@ -54,8 +54,8 @@ log = logging.getLogger("crawl2chat")
 
 # Stages whose run() splits its data by RANK/WORLD_SIZE and writes its outputs on rank 0 only. Others would
 # train every rank on the same batches and write the same files from every rank at once, so they keep
-# running in-process until they do (rl: not yet).
-RANK_AWARE = frozenset({"pretrain", "sft", "reward_model"})
+# running in-process until they do. rl: each rank samples its own prompts (grpo/ppo) or pairs (dpo).
+RANK_AWARE = frozenset({"pretrain", "sft", "reward_model", "rl"})
 LAUNCHERS = ("deepspeed", "srun")
 DEFAULT_PORT = 29500  # torch.distributed's usual port; only used across nodes, where a free local one won't do
 JOB, STATS = "job.json", "stats.json"
