@@ -91,6 +91,9 @@ def timed(side, extract, cfg, download, scratch: Path) -> tuple[float, float, fl
     one run into a fresh folder. The extractor's time is datatrove's own timing of that step (its track_time around
     each document, sandbox round trip included), from the filter stage's stats file."""
     out = Path(tempfile.mkdtemp(dir=scratch))
+    # every run starts without the words of pages an earlier run tokenized, as a worker meeting new pages would
+    # (spaCy's own vocabulary stays, as it would in a long-running worker)
+    extract.shared_tokenizer("en").forget_pieces()
     before, started = os.times(), time.perf_counter()
     with quiet():
         stats = side(extract, cfg, download, out)

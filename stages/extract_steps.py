@@ -8,10 +8,12 @@ why."""
 from __future__ import annotations
 
 import importlib.resources
+import itertools
 import operator
 import re
 import unicodedata
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +229,8 @@ class FastMinhashSignature(MinhashDedupSignature):
 
 
 VOCAB_LIMIT = 200_000  # spaCy lexemes kept before the tokenizer starts afresh: ~65 MB (measured 0.33 KB per lexeme)
+NON_WHITESPACE = re.compile(r"\S+")  # str patterns: \s is what str.isspace() and str.split() call whitespace
+PIECE_LIMIT = 100_000  # whitespace-free pieces whose words word_tokenize keeps: ~60 MB (0.6 KB a piece, spaCy included)
 _SHARED_TOKENIZERS: dict[str, "SharedSpaCyTokenizer"] = {}
 
 
@@ -237,6 +241,16 @@ def shared_tokenizer(language: str = "en") -> "SharedSpaCyTokenizer":
     return _SHARED_TOKENIZERS[language]
 
 
+@dataclass
+class MatcherCases:
+    """spaCy's multi-token special cases as SharedSpaCyTokenizer.word_tokenize needs them (see there)."""
+    pairs: set[tuple[str, str]] = field(default_factory=set)  # tokens side by side in some case
+    last_before: dict[str, set[str]] = field(default_factory=dict)   # a rule's last token -> the cases' last tokens
+    first_before: dict[str, set[str]] = field(default_factory=dict)  # a rule's first token -> the cases' first
+    lead_ends: set[str] = field(default_factory=set)      # words that may end a piece before a crossing match
+    follow_starts: set[str] = field(default_factory=set)  # words that may start a piece after one
+
+
 class SharedSpaCyTokenizer(SpaCyTokenizer):
     """datatrove's spaCy word tokenizer (the same tokens, sentences and spans), ~3x faster. datatrove tokenizes inside
     spaCy's memory_zone(), which frees every lexeme (a word's entry and its computed attributes) when the call ends, so
@@ -245,6 +259,15 @@ class SharedSpaCyTokenizer(SpaCyTokenizer):
     call starts from a fresh spaCy pipeline. Every datatrove filter accepts a WordTokenizer as its `language`; one
     instance per process is shared by all of them (deepcopy and pickle return it), so datatrove's split_into_parts
     cache, keyed on the tokenizer, also hits when the next filter splits the same text."""
+
+    def __init__(self, language: str):
+        super().__init__(language)
+        self._piece_words: dict[str, tuple[str, ...]] = {}  # word_tokenize's words of each whitespace-free piece
+        # pieces that could end (leads) or start (follows) a special-case match across whitespace, with the tokens
+        # that spaCy's matcher could see at that end
+        self._leads: dict[str, frozenset[str]] = {}
+        self._follows: dict[str, frozenset[str]] = {}
+        self._matcher: MatcherCases | None = None
 
     def __deepcopy__(self, memo):
         return self
@@ -261,28 +284,146 @@ class SharedSpaCyTokenizer(SpaCyTokenizer):
         return super()._do_tokenize(text)
 
     def word_tokenize(self, text: str) -> list[str]:
-        """Words need no sentence boundaries: the tokenizer alone (make_doc) runs, not the sentencizer after it, and
-        each token's text is cut from the input by its offset and length (two numpy columns) instead of building a
-        spaCy Token object per word. The same list as datatrove's; 10-15% less time on the shared WARCs' pages."""
+        """datatrove's words (spaCy's tokens, stripped, whitespace tokens dropped), each whitespace-free piece of the
+        text tokenized once per process and then looked up.
+
+        Why this is exact. spaCy's tokenizer cuts the text into runs of whitespace and runs of the rest (by
+        str.isspace, as str.split() does) and tokenizes each run on its own, keyed by the run's text. Then its
+        special cases are matched over the whole token sequence (a PhraseMatcher on token texts): a match whose text
+        is a special case is re-tokenized by that rule (":" ")" -> ":)"), and overlapping matches are resolved
+        longest first. A match across whitespace never changes tokens (no English special case holds whitespace
+        beside other characters), but it can win an overlap against a match inside a piece and so block it: the
+        only way the neighbours change a piece's words. Such a match needs the piece before the whitespace to end
+        with a token that some multi-token special case has before its last token, and the piece after it to start
+        with one that some such case has after its first (`_straddles`; the pieces are checked by their text,
+        which ends and starts with those tokens whatever the rest of the piece became). Texts with such a pair of neighbours,
+        rare in real pages, go through spaCy whole, as do Japanese and the IS_ALPHA workaround.
+        tests/test_extract_speedups.py compares both on every page and on text dense with emoticons and
+        abbreviations. Why it is faster: spaCy builds a Doc and a token struct per word even for pieces it has seen;
+        here a known piece costs one dict lookup, and a text's new pieces go through spaCy in one call. Word
+        tokenization was the largest cost of the quality filters and MinHash with resiliparse (0.9 of 5.3 CPU-s on
+        bench/extract_speed.py's pages)."""
+        if self.language == "ja" or "IS_ALPHA" in text:  # Japanese in byte-bounded chunks; a spaCy workaround
+            return self._spacy_words(text)
+        if len(self._piece_words) > PIECE_LIMIT:
+            self.forget_pieces()
+        pieces = text.split()
+        unique = set(pieces)
+        new = unique.difference(self._piece_words)
+        if new:
+            self._learn(list(new))
+        if not unique.isdisjoint(self._leads) and not unique.isdisjoint(self._follows):
+            leads, follows = self._leads, self._follows
+            joined = {i for i, (a, b) in enumerate(zip(pieces, pieces[1:]))
+                      if a in leads and b in follows and self._straddles(leads[a], follows[b])}
+            if joined:
+                return self._words_in_context(text, pieces, joined)
+        return list(itertools.chain.from_iterable(map(self._piece_words.__getitem__, pieces)))
+
+    def _words_in_context(self, text: str, pieces: list[str], joined: set[int]) -> list[str]:
+        """The words of `text` when a special-case match could cross the whitespace after the pieces numbered in
+        `joined`: each run of pieces so linked goes through spaCy as it stands in the text (whitespace as it is),
+        the other pieces come from the cache. No match crosses the whitespace around a run, so the run's tokens are
+        those of the whole text."""
+        spans = [m.span() for m in NON_WHITESPACE.finditer(text)]  # the pieces' places, as text.split() cuts them
+        words: list[str] = []
+        i = 0
+        while i < len(pieces):
+            if i not in joined:
+                words += self._piece_words[pieces[i]]
+                i += 1
+                continue
+            last = i
+            while last in joined:  # the whitespace after piece `last` may be crossed: piece last + 1 joins the run
+                last += 1
+            words += strip_strings([word for _, word in self._spacy_spans(text[spans[i][0]:spans[last][1]])])
+            i = last + 1
+        return words
+
+    def forget_pieces(self) -> None:
+        """Empty word_tokenize's cache (bench/extract_speed.py does between runs, so each run starts as a new worker
+        would: not knowing the pages' words)."""
+        self._piece_words.clear(), self._leads.clear(), self._follows.clear()
+
+    def _learn(self, pieces: list[str]) -> None:
+        """Tokenize whitespace-free pieces in one spaCy call and remember their words, and which could take part in
+        a special-case match across whitespace. A newline between the pieces keeps them apart: it becomes a token
+        of its own, which no multi-token special case holds."""
+        ends = list(itertools.accumulate(len(piece) + 1 for piece in pieces))  # the offset after each newline
+        words: list[list[str]] = [[] for _ in pieces]
+        i = 0
+        for start, word in self._spacy_spans("\n".join(pieces)):
+            while start >= ends[i]:
+                i += 1
+            if word != "\n":
+                words[i].append(word)
+        cases = self._matcher_cases()
+        self._piece_words.update(zip(pieces, map(tuple, words)))
+        for piece, piece_words in zip(pieces, words):
+            # the tokens the matcher could have seen at the piece's ends, before its special cases merged any
+            if piece_words[-1] in cases.lead_ends:
+                self._leads[piece] = cases.last_before.get(piece_words[-1], frozenset()) | {piece_words[-1]}
+            if piece_words[0] in cases.follow_starts:
+                self._follows[piece] = cases.first_before.get(piece_words[0], frozenset()) | {piece_words[0]}
+
+    def _straddles(self, last: frozenset[str], first: frozenset[str]) -> bool:
+        """Whether a piece that may end with a token of `last` and the next, which may start with one of `first`,
+        could be joined by a special-case match: some multi-token case has the two side by side."""
+        pairs = self._matcher_cases().pairs
+        return any((a, b) in pairs for a in last for b in first)
+
+    def _matcher_cases(self) -> "MatcherCases":
+        """What word_tokenize needs to know of spaCy's special-case matcher: its multi-token cases (those that
+        add_special_case gives the matcher, as the tokens it matches: spaCy's tokenization without special cases)
+        and what the rules turn them into."""
+        if self._matcher is None:
+            from spacy.attrs import ORTH
+            from spacy.tokenizer import Tokenizer
+
+            tok = self.tokenizer.tokenizer
+            plain = Tokenizer(tok.vocab, rules={}, prefix_search=tok.prefix_search, suffix_search=tok.suffix_search,
+                              infix_finditer=tok.infix_finditer, token_match=tok.token_match, url_match=tok.url_match)
+            cases = MatcherCases()
+            for case, rule in tok.rules.items():
+                if tok.faster_heuristics and not (tok.find_prefix(case) or tok.find_infix(case)
+                                                  or tok.find_suffix(case) or " " in case):
+                    continue  # add_special_case leaves it out of the matcher
+                matched, merged = [t.text for t in plain(case)], [token[ORTH] for token in rule]
+                if len(matched) < 2:
+                    continue  # a one-token match stays inside its token
+                cases.pairs.update(zip(matched, matched[1:]))
+                cases.last_before.setdefault(merged[-1], set()).add(matched[-1])
+                cases.first_before.setdefault(merged[0], set()).add(matched[0])
+            firsts, seconds = {a for a, _ in cases.pairs}, {b for _, b in cases.pairs}
+            cases.lead_ends = firsts | {w for w, before in cases.last_before.items() if before & firsts}
+            cases.follow_starts = seconds | {w for w, before in cases.first_before.items() if before & seconds}
+            self._matcher = cases
+        return self._matcher
+
+    def _spacy_spans(self, text: str) -> list[tuple[int, str]]:
+        """(offset, text) of spaCy's tokens of `text`: the tokenizer alone (make_doc), not the sentencizer after it,
+        and each token's text cut from the input by its offset and length (two numpy columns) instead of building
+        a spaCy Token object per word."""
         from spacy.attrs import IDX, LENGTH
 
         if self._tokenizer is not None and len(self._tokenizer.vocab) > VOCAB_LIMIT:
             self._tokenizer = None  # as in _do_tokenize
         nlp = self.tokenizer
-        words = []
-        # datatrove's _do_tokenize: Japanese in chunks of at most 40000 UTF-8 bytes, and the spaCy bug it works around
-        for chunk in [text] if self.language != "ja" else chunk_text_on_bytes(text, 40000):
-            nlp.max_length = len(text)
-            try:
-                doc = nlp.make_doc(chunk)
-            except Exception:
-                if "IS_ALPHA" not in text:
-                    raise
-                chunk = chunk.replace("IS_ALPHA", "")
-                doc = nlp.make_doc(chunk)
-            starts, lengths = doc.to_array(IDX).tolist(), doc.to_array(LENGTH).tolist()
-            words += [chunk[start:start + length] for start, length in zip(starts, lengths)]
-        return strip_strings(words)
+        nlp.max_length = len(text)
+        try:
+            doc = nlp.make_doc(text)
+        except Exception:  # datatrove's _do_tokenize works around this spaCy bug the same way
+            if "IS_ALPHA" not in text:
+                raise
+            text = text.replace("IS_ALPHA", "")
+            doc = nlp.make_doc(text)
+        starts, lengths = doc.to_array(IDX).tolist(), doc.to_array(LENGTH).tolist()
+        return [(start, text[start:start + length]) for start, length in zip(starts, lengths)]
+
+    def _spacy_words(self, text: str) -> list[str]:
+        """datatrove's word_tokenize: Japanese in chunks of at most 40000 UTF-8 bytes."""
+        chunks = [text] if self.language != "ja" else chunk_text_on_bytes(text, 40000)
+        return strip_strings([word for chunk in chunks for _, word in self._spacy_spans(chunk)])
 
     def sent_tokenize(self, text: str) -> list[str]:
         return strip_strings([sent.text for doc in self._do_tokenize(text) for sent in doc.sents])

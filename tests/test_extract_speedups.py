@@ -98,6 +98,40 @@ def test_word_tokenize_matches_datatrove(texts):
         assert ours.word_tokenize(text) == theirs.word_tokenize(text), text[:200]
 
 
+def test_word_tokenize_pieces_match_spacy_in_context():
+    """word_tokenize looks up the words of each whitespace-free piece; spaCy's special cases (":)", "e.g.", "Mr.")
+    can be blocked by a match across whitespace (") :" is one), so such neighbours must go through spaCy together.
+    Seeded random text dense with those cases and with every kind of whitespace makes thousands of such
+    neighbours; each text is tokenized twice (new pieces, then all known) and must equal datatrove's words."""
+    import random
+
+    rng = random.Random(0)
+    parts = list("ab.,:;)(!?'\"-—–…$%&*/\\[]{}<>#@=_^|0123456789") + [
+        " ", "  ", "\t", "\n", "\r", "\x0b", "\x0c", "\xa0", "\u2003", "\u3000", "\x1c", "\x85",
+        "can't", "U.S.", ":)", ":-(", "<3", "e.g.", "Mr.", "'s", "’s", "n't", "and/or", "a.m.", "o.O", "^_^",
+        "http://x.com/a?b=1", "3.5", "1,000", "Let's", "It's"]
+    texts = ["".join(rng.choice(parts) for _ in range(rng.randint(0, 120))) for _ in range(1500)]
+    ours, theirs = shared_tokenizer("en"), SpaCyTokenizer("en")
+    ours.forget_pieces()
+    in_context = 0
+    original = ours._words_in_context
+
+    def counted(*args):
+        nonlocal in_context
+        in_context += 1
+        return original(*args)
+
+    ours._words_in_context = counted
+    try:
+        for text in texts:
+            expected = theirs.word_tokenize(text)
+            assert ours.word_tokenize(text) == expected, repr(text)
+            assert ours.word_tokenize(text) == expected, repr(text)
+    finally:
+        del ours._words_in_context
+    assert in_context > 100  # the neighbours that need spaCy together were there, and were handled
+
+
 @pytest.mark.parametrize("kwargs", [
     {},  # FineWeb's thresholds, as the stage runs it
     # thresholds in decreasing n, n = 1 and stricter limits: the n-gram bookkeeping must start again, and drop more
