@@ -302,11 +302,11 @@ class SharedSpaCyTokenizer(SpaCyTokenizer):
         is a special case is re-tokenized by that rule (":" ")" -> ":)"), and overlapping matches are resolved
         longest first. A match across whitespace never changes tokens (no English special case holds whitespace
         beside other characters), but it can win an overlap against a match inside a piece and so block it: the
-        only way the neighbours change a piece's words. Such a match needs the piece before the whitespace to end
-        with a token that some multi-token special case has before its last token, and the piece after it to start
-        with one that some such case has after its first (`_straddles`; the pieces are checked by their text,
-        which ends and starts with those tokens whatever the rest of the piece became). Texts with such a pair of neighbours,
-        rare in real pages, go through spaCy whole, as do Japanese and the IS_ALPHA workaround.
+        only way the neighbours change a piece's words. Such a match needs some multi-token special case to hold the
+        last token of the piece before the whitespace and the first token of the piece after it side by side, as
+        the matcher saw them: before special cases merged any (`_learn` keeps the candidates, `_straddles` checks
+        them). Runs of pieces so linked, about one text in ten, go through spaCy as they stand in the text
+        (`_words_in_context`); Japanese and the IS_ALPHA workaround go through it whole.
         tests/test_extract_speedups.py compares both on every page and on text dense with emoticons and
         abbreviations. Why it is faster: spaCy builds a Doc and a token struct per word even for pieces it has seen;
         here a known piece costs one dict lookup, and a text's new pieces go through spaCy in one call. Word
