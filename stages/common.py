@@ -72,9 +72,27 @@ def runtime(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"runtime": True})
 
 
+REPO = Path(__file__).resolve().parent.parent  # this checkout
+
+
+def portable(value: Any) -> Any:
+    """A config value as it enters the version, with paths inside this checkout written `<repo>/...`. The presets
+    point at the bundled data (data/) by absolute path, so that a run works from any directory; without this, the
+    same recipe would get another version in every clone at another path, and nothing would be reused between
+    them. The manifest keeps the real path."""
+    if isinstance(value, str):
+        root = str(REPO)
+        return "<repo>" + value[len(root):] if value == root or value.startswith(root + "/") else value
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable(v) for v in value)
+    return value
+
+
 def recipe_dict(cfg: Any) -> dict:
-    """The config as it enters the version: every field but the runtime() ones."""
-    return {k: v for k, v in config_dict(cfg).items()
+    """The config as it enters the version: every field but the runtime() ones, checkout paths made portable."""
+    return {k: portable(v) for k, v in config_dict(cfg).items()
             if not next(f for f in dataclasses.fields(cfg) if f.name == k).metadata.get("runtime")}
 
 

@@ -90,6 +90,26 @@ def test_plan_version_is_a_function_of_the_recipe():
     assert v not in others and len(others) == 7
 
 
+def test_versions_do_not_depend_on_where_the_checkout_is(monkeypatch, tmp_path):
+    """The presets point at the bundled data by absolute path; the same recipe in two clones at different paths must
+    plan the same version (paths inside the checkout enter it as <repo>/...), and other paths stay as they are."""
+    from stages import common, evaluate
+
+    cfg = evaluate.Config()  # its defaults: data/eval/... of this checkout, by absolute path
+    here = common.recipe_dict(cfg)
+    assert here["hellaswag"] == "<repo>/data/eval/hellaswag-val.shared500.jsonl"
+    clone = tmp_path / "elsewhere" / "crawl2chat"
+    paths = {k: v.replace(str(common.REPO), str(clone)) for k, v in dataclasses.asdict(cfg).items()
+             if isinstance(v, str) and v.startswith(str(common.REPO))}
+    moved = dataclasses.replace(cfg, **paths)  # the same defaults, as that clone's code writes them
+    assert paths and moved.hellaswag.startswith(str(clone))
+    monkeypatch.setattr(common, "REPO", clone)  # as the code of that clone sees itself
+    assert common.recipe_dict(moved) == here
+    # a path outside the checkout, or one that only starts with the same characters, is recipe as written
+    assert common.portable([str(clone) + "-old/x", "/data/x", {"k": (str(clone / "y"),)}]) == \
+        [str(clone) + "-old/x", "/data/x", {"k": ("<repo>/y",)}]
+
+
 def test_build_version_changes_with_config_code_version_and_inputs(store):
     stage = make_stage()
     v1 = build(stage, FakeConfig(), [], store).artifact.version

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.artifacts import Artifact, plan_version
-from stages.common import StageError, config_dict
+from stages.common import StageError, config_dict, recipe_dict
 
 log = logging.getLogger("crawl2chat")
 
@@ -250,7 +250,7 @@ def child_main(job_path: str) -> None:
     cfg = config_from_dict(stage.Config, job["config"])
     inputs = [Artifact(a["stage"], a["version"], Path(a["path"])) for a in job["inputs"]]
     out = Artifact(job["out"]["stage"], job["out"]["version"], Path(job["out"]["path"]))
-    version = plan_version(stage.NAME, stage.CODE_VERSION, config_dict(cfg), inputs)
+    version = plan_version(stage.NAME, stage.CODE_VERSION, recipe_dict(cfg), inputs)  # as build planned it
     if version != out.version:  # a different checkout on this node, or a config that did not survive JSON
         raise SystemExit(f"rank {os.environ.get('RANK')}: job {job_path} plans {out.ref} but this code and config "
                          f"give version {version}: run every node from the same checkout")
