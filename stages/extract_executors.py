@@ -3,6 +3,7 @@ Ray), waiting for Slurm, and datatrove's per-task stats summed for the funnel.""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -10,9 +11,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import loguru._better_exceptions
 from datatrove.executor import LocalPipelineExecutor
 
 from stages.common import StageError
+
+# datatrove adds three loguru handlers per task (stderr and the task's log file, then stderr again when the task
+# ends), and loguru builds an ExceptionFormatter for each, which asks sysconfig for the standard library's
+# directories under every install scheme: 52 lookups, ~3 ms a handler, ~0.3 of the 5.5 CPU-s that
+# bench/extract_speed.py's pages take with resiliparse (33 tasks). The answer cannot change within a process, so it is
+# computed once. loguru only reads the list. Guarded: a loguru without this private method just stays slower.
+_FORMATTER = getattr(loguru._better_exceptions, "ExceptionFormatter", None)
+if _FORMATTER is not None and callable(getattr(_FORMATTER, "_get_lib_dirs", None)):
+    _FORMATTER._get_lib_dirs = staticmethod(functools.cache(_FORMATTER._get_lib_dirs))
 
 
 def make_executor(cfg, stage: str, steps: list, tasks: int, logs: Path, depends):

@@ -186,3 +186,20 @@ def test_minhash_shingles_match_datatrove(texts, tmp_path):
     theirs = MinhashDedupSignature(str(tmp_path / "theirs"), config=config, language=shared_tokenizer("en"))
     for text in texts[::2] + EDGES:
         assert ours.get_shingles(text).tolist() == theirs.get_shingles(text).tolist(), text[:200]
+
+
+def test_loguru_formatter_lib_dirs_cached_but_unchanged():
+    """stages/extract_executors.py computes loguru's standard-library directories once per process (datatrove adds
+    three log handlers per task); a formatter must still get what loguru itself computes."""
+    import os
+    import sys
+    import sysconfig
+
+    import loguru._better_exceptions as better
+
+    import stages.extract_executors  # noqa: F401  (applies the cache)
+
+    paths = {sysconfig.get_path(name, scheme) for scheme in sysconfig.get_scheme_names()
+             for name in ("stdlib", "platstdlib", "platlib", "purelib")}
+    expected = [os.path.abspath(path).lower() + os.sep for path in paths if path in sys.path]
+    assert sorted(better.ExceptionFormatter()._lib_dirs) == sorted(expected) != []
