@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -127,7 +126,7 @@ def run(cfg: Config, shards: Artifact, tokenizer: Artifact, *, out: Artifact) ->
                                      cfg.kv_ratio)
     model = GPT(model_cfg)
     tcfg = dataclasses.replace(cfg, lr=cfg.peak_lr())
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = trainer.rank_world()
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.seq_len * world
     total = cfg.steps or max(1, int(cfg.tokens_per_param * model.num_params() / tokens_per_step))
     engine = trainer.make_engine(model, tcfg, log_dir=out.path / "tensorboard", job_name=NAME)
@@ -137,7 +136,6 @@ def run(cfg: Config, shards: Artifact, tokenizer: Artifact, *, out: Artifact) ->
         # Inductor on CPU needs a C++ toolchain and spends tens of seconds compiling, more than a whole CPU
         # smoke run takes; the CPU path exists to test the pipeline, not to be fast.
         log.info("compile=true ignored: torch.compile is applied on CUDA only, this run is on CPU")
-    rank = int(os.environ.get("RANK", 0))
     loader = TokenLoader(shards.path, "train", cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed,
                          rank=rank, world_size=world, device=engine.device)
 

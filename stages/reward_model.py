@@ -37,7 +37,6 @@ guesses it (81% right).
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -131,7 +130,7 @@ def run(cfg: Config, chat: Artifact, preferences: Artifact, *, out: Artifact) ->
         rm.gpt.requires_grad_(False)
     engine = trainer.make_engine(rm, cfg)
     # Several ranks (stages/lm/launch.py): each trains on its own pairs of every step; rank 0 writes the outputs.
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = trainer.rank_world()
     loader = ExampleLoader(train, cfg.micro_batch_size, cfg.seed, lambda b: collate(b, tok.pad), rank, world)
 
     def loss_fn(eng, batch):

@@ -30,7 +30,6 @@ and reads every rank's rollout files for the stats.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -139,11 +138,6 @@ def sort_inputs(cfg: Config, inputs: tuple[Artifact, ...]) -> dict[str, Artifact
                          + ("; or set rl.reward=verifier to reward checkable answers instead"
                             if mode == "rl.reward=reward_model" else ""))
     return {kind: arts[0] for kind, arts in found.items() if arts}
-
-
-def rank_world() -> tuple[int, int]:
-    """This process's rank and the number of ranks (set by the launcher; 0 and 1 in-process)."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def from_every_rank(obj) -> list:
@@ -294,7 +288,7 @@ def mean_kl(policy, ref, tok: ChatTokenizer, prompts, max_new: int) -> float:
 
 def run_online(cfg: Config, policy, ref, tok: ChatTokenizer, source, out: Artifact) -> tuple[torch.nn.Module, dict]:
     """GRPO or PPO against `source` (a RewardModelReward or VerifierReward): the trained policy and its stats."""
-    rank, world = rank_world()
+    rank, world = trainer.rank_world()
     if cfg.zero_stage == 3 and world > 1:
         # ZeRO-3 gathers each layer's weights in every forward pass, a collective; ranks sampling different
         # prompts run different numbers of forward passes and would wait on each other for ever
@@ -365,7 +359,7 @@ def run_dpo(cfg: Config, policy, ref, tok: ChatTokenizer, train: list, val: list
         n = lp.size(0) // 2
         return po.dpo_loss(lp[:n], lp[n:], ref_lp[:n], ref_lp[n:], cfg.beta)[0]
 
-    rank, world = rank_world()  # several ranks: each trains on its own pairs of every step, as sft
+    rank, world = trainer.rank_world()  # several ranks: each trains on its own pairs of every step, as sft
     loader = ExampleLoader(train, cfg.micro_batch_size, cfg.seed, collate, rank, world)
     history = trainer.fit(engine, cfg, cfg.steps, loader, loss_fn, out.path / "checkpoints", log_every=10)
     policy = engine.module
@@ -408,7 +402,7 @@ def run(cfg: Config, chat: Artifact, *inputs: Artifact, out: Artifact) -> dict:
             source = RewardModelReward(cfg, given["reward_model"], prompts, tok, policy.cfg.seq_len,
                                        policy.cfg.vocab_size)
         policy, stats = run_online(cfg, policy, ref, tok, source, out)
-    rank, _ = rank_world()
+    rank, _ = trainer.rank_world()
     with trainer.whole_params(policy):  # ZeRO-3 holds shards; every rank gathers, rank 0 writes
         if rank == 0:
             save_model(policy, out.path, chat.path / TOKENIZER,

@@ -14,7 +14,6 @@ chat model after, so the manifest shows what SFT bought. A crash resumes from th
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -83,7 +82,7 @@ def run(cfg: Config, base: Artifact, conversations: Artifact, *, out: Artifact) 
     torch.manual_seed(cfg.seed)
     engine = trainer.make_engine(model, cfg)
     # Several ranks (stages/lm/launch.py): each trains on its own rows of every step; rank 0 writes the outputs.
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = trainer.rank_world()
     loader = ExampleLoader(rows, cfg.micro_batch_size, cfg.seed, lambda b: collate(b, tok.pad), rank, world)
 
     def loss_fn(eng, batch):

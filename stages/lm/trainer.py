@@ -78,6 +78,12 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
 
 
+def rank_world() -> tuple[int, int]:
+    """(this process's rank, the number of ranks), as the launcher set them (stages/lm/launch.py); 0 and 1 when
+    a stage runs in-process. Stages split their data by these and write their outputs on rank 0."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def use_bf16(cfg: TrainConfig) -> bool:
     if cfg.precision == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -296,7 +302,7 @@ def fit(engine, cfg: TrainConfig, total: int, loader, loss_fn, ckpt_dir: Path, t
     together) each step also reports its model FLOPs utilisation. Returns the per-step metrics of the whole
     run (resumed ones too).
     """
-    rank = int(os.environ.get("RANK", 0))
+    rank, _ = rank_world()
     step, state = resume(engine, ckpt_dir)
     if state:
         loader.load_state_dict(state["loader"])
