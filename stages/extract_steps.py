@@ -287,9 +287,14 @@ class SharedSpaCyTokenizer(SpaCyTokenizer):
     def __repr__(self) -> str:  # what datatrove's executor.json records for the filters' `language`
         return f"SharedSpaCyTokenizer({self.language!r})"
 
-    def _do_tokenize(self, text: str):
+    def _bound_vocabulary(self) -> None:
+        """Past VOCAB_LIMIT lexemes, drop the pipeline: the `tokenizer` property builds a fresh one, and the old
+        vocabulary is freed with it. Called before each spaCy call."""
         if self._tokenizer is not None and len(self._tokenizer.vocab) > VOCAB_LIMIT:
-            self._tokenizer = None  # the property builds a fresh pipeline; the old vocabulary is freed with it
+            self._tokenizer = None
+
+    def _do_tokenize(self, text: str):
+        self._bound_vocabulary()
         return super()._do_tokenize(text)
 
     def word_tokenize(self, text: str) -> list[str]:
@@ -415,8 +420,7 @@ class SharedSpaCyTokenizer(SpaCyTokenizer):
         a spaCy Token object per word."""
         from spacy.attrs import IDX, LENGTH
 
-        if self._tokenizer is not None and len(self._tokenizer.vocab) > VOCAB_LIMIT:
-            self._tokenizer = None  # as in _do_tokenize
+        self._bound_vocabulary()
         nlp = self.tokenizer
         nlp.max_length = len(text)
         try:
