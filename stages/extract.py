@@ -50,17 +50,17 @@ from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFi
                                                   ExactFindDedups)
 from datatrove.pipeline.dedup.minhash import MinhashBuildIndex, MinhashConfig
 from datatrove.pipeline.extractors import Trafilatura
-from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter
+from datatrove.pipeline.filters import FineWebQualityFilter
 from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 from datatrove.utils.hashing import HashConfig
 
 from stages.artifacts import Artifact
 from stages.common import StageError, main, runtime
 from stages.extract_executors import make_executor, stage_totals, wait_for_slurm
-from stages.extract_steps import (CountingPIIFormatter, FastC4QualityFilter, FastGopherRepetitionFilter,  # noqa: F401
-                                  FastMinhashSignature, FilteredReader, LocalBadWordsFilter, Meter, MinhashFilter,
-                                  OfflineLanguageFilter, OfflineURLFilter, ReasonWriter, Resiliparse, lid_model_path,
-                                  normalised_text, shared_tokenizer)
+from stages.extract_steps import (CountingPIIFormatter, FastC4QualityFilter, FastGopherQualityFilter,  # noqa: F401
+                                  FastGopherRepetitionFilter, FastMinhashSignature, FilteredReader,
+                                  LocalBadWordsFilter, Meter, MinhashFilter, OfflineLanguageFilter, OfflineURLFilter,
+                                  ReasonWriter, Resiliparse, lid_model_path, normalised_text, shared_tokenizer)
 from stages.warc_reader import SKIP_REASONS, UNREADABLE, SafeWarcReader
 
 NAME = "extract"
@@ -204,7 +204,7 @@ def build_stages(cfg: Config, warc_dir: Path, out: Path, earlier_index: Path | N
         filters.append(("gopher_repetition", FastGopherRepetitionFilter(
             language=english, exclusion_writer=excluded("gopher_repetition"))))
     if cfg.gopher_quality:
-        filters.append(("gopher_quality", GopherQualityFilter(min_doc_words=cfg.min_doc_words, language=english,
+        filters.append(("gopher_quality", FastGopherQualityFilter(min_doc_words=cfg.min_doc_words, language=english,
                                                               exclusion_writer=excluded("gopher_quality"))))
     if cfg.c4_quality:
         filters.append(("c4_quality", FastC4QualityFilter(filter_no_terminal_punct=False, language=english,

@@ -12,16 +12,18 @@ from datatrove.data import Document
 from datatrove.pipeline.dedup import MinhashDedupSignature
 from datatrove.pipeline.dedup.minhash import MinhashConfig
 from datatrove.pipeline.extractors import Trafilatura
-from datatrove.pipeline.filters import C4QualityFilter, GopherRepetitionFilter
+from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
+from datatrove.pipeline.formatters import PIIFormatter
 from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate, get_n_grams
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.text import TextNormConfig
 from datatrove.utils.text import simplify_text as datatrove_simplify_text
 from datatrove.utils.word_tokenizers import SpaCyTokenizer
 
-from stages.extract_steps import (FastC4QualityFilter, FastGopherRepetitionFilter, FastMinhashSignature, Resiliparse,
-                                  all_duplicate_chars, longer_n_grams, shared_tokenizer, simplify_text,
-                                  top_duplicate_chars)
+from stages.extract_steps import (CountingPIIFormatter, FastC4QualityFilter, FastGopherQualityFilter,
+                                  FastGopherRepetitionFilter, FastMinhashSignature, Meter, Resiliparse,
+                                  all_duplicate_chars, longer_n_grams, shared_tokenizer, simple_words,
+                                  simplify_text, top_duplicate_chars)
 from stages.warc_reader import SafeWarcReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +96,38 @@ def assert_same_as_datatrove(ours, theirs, texts: list[str]) -> None:
 def test_word_tokenize_matches_datatrove(texts):
     # every other page: datatrove's tokenizer frees its vocabulary after each call and so is slow (~20 ms a page)
     ours, theirs = shared_tokenizer("en"), SpaCyTokenizer("en")
+    ours.forget_pieces()  # else pieces that earlier tests met come from the cache
     for text in texts[::2] + EDGES:
         assert ours.word_tokenize(text) == theirs.word_tokenize(text), text[:200]
+
+
+def test_simple_words_match_spacy(texts):
+    """simple_words gives plain words (and a word with one mark after it) their tokens without spaCy. Against spaCy
+    itself: every such piece of the test pages; every special case bare, with each mark, and in other cases
+    ("dont", "Dont.", "etc.", "Jan."); one- and two-letter words with a dot ("J." stays one token); seeded random
+    words with marks."""
+    import random
+    import string
+
+    english = shared_tokenizer("en")
+    specials = english._matcher_cases().specials
+    marks = ["", ",", ";", ":", "!", "?", ".", "'s", ")"]
+    pieces = {piece for text in texts for piece in text.split()}
+    for case in specials:
+        for variant in (case, case.lower(), case.upper(), case.capitalize(), case.rstrip(".")):
+            pieces.update(variant + mark for mark in marks)
+    letters = string.ascii_letters
+    pieces.update(a + mark for a in letters for mark in marks)
+    pieces.update(a + b + "." for a in letters for b in letters)
+    rng = random.Random(0)
+    pieces.update("".join(rng.choices(letters, k=rng.randint(1, 10))) + rng.choice(marks) for _ in range(20_000))
+    checked = 0
+    for piece in sorted(pieces):
+        words = simple_words(piece, specials)
+        if words is not None:
+            assert words == tuple(word for _, word in english._spacy_spans(piece)), piece
+            checked += 1
+    assert checked > 20_000 and simple_words("dont", specials) is None and simple_words("J.", specials) is None
 
 
 def test_word_tokenize_pieces_match_spacy_in_context():
@@ -145,6 +177,22 @@ def test_gopher_repetition_matches_datatrove(texts, kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [
+    {"min_doc_words": 50},  # the stage's setting (Config.min_doc_words)
+    # every rule stricter: each rule but the "#" count then drops some of the pages; then the last two rules alone
+    {"min_doc_words": 20, "max_doc_words": 2000, "min_avg_word_length": 4, "max_avg_word_length": 6,
+     "max_symbol_word_ratio": 0.01, "max_bullet_lines_ratio": 0.2, "max_ellipsis_lines_ratio": 0.05,
+     "max_non_alpha_words_ratio": 0.9, "min_stop_words": 8},
+    {"min_doc_words": 1, "max_doc_words": None, "min_avg_word_length": None, "max_avg_word_length": None,
+     "max_symbol_word_ratio": None, "max_bullet_lines_ratio": None, "max_ellipsis_lines_ratio": None,
+     "max_non_alpha_words_ratio": 0.85, "min_stop_words": 4},
+])
+def test_gopher_quality_matches_datatrove(texts, kwargs):
+    english = shared_tokenizer("en")
+    ours = FastGopherQualityFilter(language=english, **kwargs)
+    assert_same_as_datatrove(ours, GopherQualityFilter(language=english, **kwargs), texts)
+
+
+@pytest.mark.parametrize("kwargs", [
     {"filter_no_terminal_punct": False},  # FineWeb's setting, as the stage runs it
     {},  # C4's own defaults
     {"split_paragraph": False, "min_num_sentences": 3},  # sentences, not lines, as the units
@@ -170,6 +218,30 @@ def test_n_gram_helpers_match_datatrove(texts):
             theirs = get_n_grams(words, n)
             assert top_duplicate_chars(words, n) == (find_top_duplicate(theirs) if theirs else None)
 
+
+
+PII = ["Mail jane.doe@example.org or root@[10.0.0.1]; call 8.8.8.8 or 192.168.1.20 (private), not 300.1.1.1.",
+       "Version 1.2.3 and 3.14 hold digit.digit but no address.", "a@b", "@ alone", "1.1.1.1", "no address here"]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"only_remove_public_ips": False}, {"remove_emails": False}])
+def test_pii_matches_datatrove(texts, kwargs):
+    """The regexes run only on texts with an "@" or a "digit.digit": the same text as datatrove's on every page and
+    on addresses of each kind; the "scrubbed" count is the number of texts changed."""
+    ours, theirs = CountingPIIFormatter(**kwargs), PIIFormatter(**kwargs)
+    changed = 0
+    for text in texts + PII:
+        scrubbed = ours.format(text)
+        assert scrubbed == theirs.format(text), text[:200]
+        changed += scrubbed != text
+    assert changed >= 3 and ours.stats.stats["scrubbed"].total == changed
+
+
+def test_meter_counts_utf8_bytes():
+    """Meter.utf8_bytes: ASCII by length, the last text measured from memory, anything else encoded."""
+    accented, other = "café " * 3, "naïve"
+    assert [Meter.utf8_bytes(t) for t in ("", "plain", accented, accented, "x" + accented[1:], other, accented)] == \
+        [len(t.encode()) for t in ("", "plain", accented, accented, "x" + accented[1:], other, accented)]
 
 
 @pytest.mark.parametrize("config", [TextNormConfig(), TextNormConfig(norm_weekdays=True, norm_monthnames=True),
