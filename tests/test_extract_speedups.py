@@ -18,10 +18,11 @@ from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplica
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.text import TextNormConfig
 from datatrove.utils.text import simplify_text as datatrove_simplify_text
+from datatrove.utils.lid import FT176LID
 from datatrove.utils.word_tokenizers import SpaCyTokenizer
 
 from stages.extract_steps import (CountingPIIFormatter, FastC4QualityFilter, FastGopherQualityFilter,
-                                  FastGopherRepetitionFilter, FastMinhashSignature, Meter, Resiliparse,
+                                  FastGopherRepetitionFilter, FastMinhashSignature, Meter, OfflineFT176LID, Resiliparse,
                                   all_duplicate_chars, longer_n_grams, shared_tokenizer, simple_words,
                                   simplify_text, top_duplicate_chars)
 from stages.warc_reader import SafeWarcReader
@@ -218,6 +219,17 @@ def test_n_gram_helpers_match_datatrove(texts):
             theirs = get_n_grams(words, n)
             assert top_duplicate_chars(words, n) == (find_top_duplicate(theirs) if theirs else None)
 
+
+
+@pytest.mark.parametrize("languages", [["en"], ["de", "en", "xx"], None])
+def test_language_id_matches_datatrove(texts, languages):
+    """The same best language, score and wanted-language scores as datatrove's predict, with the same model; "xx" is
+    no fastText label."""
+    ours, theirs = OfflineFT176LID(languages), FT176LID(languages)
+    theirs._model = ours.model
+    results = [ours.predict(Document(text=text, id="d")) for text in texts if text.strip()]
+    assert results == [theirs.predict(Document(text=text, id="d")) for text in texts if text.strip()]
+    assert len({best for best, _ in results}) > 3  # several languages among the pages
 
 
 PII = ["Mail jane.doe@example.org or root@[10.0.0.1]; call 8.8.8.8 or 192.168.1.20 (private), not 300.1.1.1.",
