@@ -22,7 +22,7 @@ core: one worker, and CPU time counts only work done, whatever else runs on the 
 interleaved and the order of the sides switches every round; medians are compared. One unmeasured warm-up run per
 extractor loads the URL block lists (parsed once per process) and the language model first.
 
-    python bench/extract_speed.py              # ~3 min on 2 cores at the default 3 rounds
+    python bench/extract_speed.py              # ~3 min on 2 cores at the default 5 rounds
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def timed(side, extract, cfg, download, scratch: Path) -> tuple[float, float, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA, help="folder with warc/ and extraction/ (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--copies", type=int, default=1, help="repeat the WARC set this many times")
     args = parser.parse_args()
     warcs = sorted(w for folder in SOURCES for w in (args.data / folder).rglob("*.warc.gz"))
@@ -154,7 +154,9 @@ def main() -> None:
     speedup = median("trafilatura", "ours", 1) / median("resiliparse", "ours", 1)
     overhead = median("resiliparse", "ours", 1) / median("resiliparse", "bare", 1) - 1
     per_round = [o[1] / b[1] - 1 for o, b in zip(times["resiliparse", "ours"], times["resiliparse", "bare"])]
+    speedups = [t[1] / r[1] for t, r in zip(times["trafilatura", "ours"], times["resiliparse", "ours"])]
     print(f"speedup={speedup:.2f} (goal >= 4)  [trafilatura / resiliparse, whole extract stage, median CPU-s; "
+          f"per round {' '.join(f'{x:.2f}' for x in speedups)}; "
           f"extractor step alone: {median('trafilatura', 'ours', 2) / median('resiliparse', 'ours', 2):.2f}]")
     print(f"overhead={overhead:+.3f} (goal < 0.05)  [ours / bare datatrove - 1, resiliparse, median CPU-s; "
           f"median of per-round ratios {statistics.median(per_round):+.3f}; wall "
