@@ -233,7 +233,8 @@ def test_language_id_matches_datatrove(texts, languages):
 
 
 PII = ["Mail jane.doe@example.org or root@[10.0.0.1]; call 8.8.8.8 or 192.168.1.20 (private), not 300.1.1.1.",
-       "Version 1.2.3 and 3.14 hold digit.digit but no address.", "a@b", "@ alone", "1.1.1.1", "no address here"]
+       "Version 1.2.3 and 3.14 hold digit.digit but no address.", "a@b", "@ alone", "1.1.1.1", "no address here",
+       "The server at 93.184.216.34 answered; write to ops@example.net."]
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"only_remove_public_ips": False}, {"remove_emails": False}])
@@ -246,7 +247,7 @@ def test_pii_matches_datatrove(texts, kwargs):
         scrubbed = ours.format(text)
         assert scrubbed == theirs.format(text), text[:200]
         changed += scrubbed != text
-    assert changed >= 3 and ours.stats.stats["scrubbed"].total == changed
+    assert changed >= 3 and ours.stats.stats["scrubbed"].total == changed  # without the shared pages too (CI)
 
 
 def test_meter_counts_utf8_bytes():
