@@ -69,7 +69,7 @@ def make_executor(cfg, stage: str, steps: list, tasks: int, logs: Path, depends)
     """One datatrove executor per stage; `depends` makes it wait for (and, if not yet launched, launch) the previous."""
     if cfg.executor == "local":
         return LocalExecutor(steps, tasks=tasks, workers=min(cfg.workers, tasks), logging_dir=str(logs),
-                                     depends=depends)
+                             depends=depends)
     if cfg.executor == "ray":
         try:
             from datatrove.executor import RayPipelineExecutor

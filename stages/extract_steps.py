@@ -306,14 +306,14 @@ class MatcherCases:
 def simple_words(piece: str, specials: frozenset[str]) -> tuple[str, ...] | None:
     """spaCy's English tokens of a piece that SIMPLE_PIECE matches, without spaCy; None for any other piece.
 
-    Half of a page's new pieces are plain words like these, and spaCy's per-call Doc and per-token structs cost more
-    than the regex. Why it is exact: spaCy splits off prefixes, suffixes and infixes, and all of its English ones
-    hold punctuation, symbols or digits, or need a digit or an upper-case pair beside them: an ASCII word has none, so
-    it stays one token; , ; : ! ? at the end are suffixes, and so is "." after a lower-case letter (not after a lone
-    capital: "J." stays whole). The URL pattern needs a dot inside. What spaCy would do differently is a special case
-    for the piece or the word ("dont" -> "do", "nt"; "etc."; "Jan."): those go through spaCy. tests/
-    test_extract_speedups.py checks every piece of this shape in the test pages, every special case with marks and in
-    other cases, and 200k random ones against spaCy."""
+    Two in three of the distinct pieces of English pages are plain words like these, and spaCy's per-call Doc and
+    per-token structs cost more than the regex. Why it is exact: spaCy splits off prefixes, suffixes and infixes, and
+    all of its English ones hold punctuation, symbols or digits, or need a digit or an upper-case pair beside them:
+    an ASCII word has none, so it stays one token; , ; : ! ? at the end are suffixes, and so is "." after a
+    lower-case letter (not after a lone capital: "J." stays whole). The URL pattern needs a dot inside. What spaCy
+    would do differently is a special case for the piece or the word ("dont" -> "do", "nt"; "etc."; "Jan."): those
+    go through spaCy. tests/test_extract_speedups.py checks against spaCy every piece of this shape in the test
+    pages, every special case with each mark and in other letter cases, and 20k random ones."""
     match = SIMPLE_PIECE.fullmatch(piece)
     if match is None or piece in specials:
         return None
@@ -546,7 +546,7 @@ def all_duplicate_chars(n_grams: list[str], n: int) -> int:
     """datatrove's find_all_duplicate(words, n), given its n-grams: characters in n-grams that repeat an earlier one,
     where the walk jumps n positions past a repeat. The same walk; the n-grams come from longer_n_grams."""
     seen = set()
-    add = seen.add  # looked up once: this loop is a fifth of the filter stage's time with resiliparse
+    add = seen.add  # looked up once: the filter stage's busiest Python loop (six walks a page)
     repeated, i, count = 0, 0, len(n_grams)
     while i < count:
         gram = n_grams[i]
@@ -603,7 +603,7 @@ class FastGopherQualityFilter(GopherQualityFilter):
     """datatrove's GopherQualityFilter (same rules in the same order, same reasons) with its two per-character word
     tests, "has a character that is not punctuation" and "has a letter", asked once per distinct word and then
     looked up, in C, for every word: datatrove runs a Python generator over each character of every word, most of
-    this filter's time; a page uses each distinct word ~4 times."""
+    this filter's time, and a page repeats most of its words."""
 
     def filter(self, doc) -> bool | tuple[bool, str]:
         text = doc.text
@@ -613,11 +613,11 @@ class FastGopherQualityFilter(GopherQualityFilter):
 
         not_symbol = {w: any(ch not in PUNCTUATION_SET for ch in w) for w in distinct}
         non_symbol_words = list(itertools.compress(words, map(not_symbol.__getitem__, words)))
-        n_non_symbol_words_words = len(non_symbol_words)
+        n_non_symbol_words = len(non_symbol_words)
 
-        if self.min_doc_words and n_non_symbol_words_words < self.min_doc_words:
+        if self.min_doc_words and n_non_symbol_words < self.min_doc_words:
             return False, "gopher_short_doc"
-        if self.max_doc_words and n_non_symbol_words_words > self.max_doc_words:
+        if self.max_doc_words and n_non_symbol_words > self.max_doc_words:
             return False, "gopher_long_doc"
 
         avg_n_words = np.mean(list(map(len, non_symbol_words)))
