@@ -301,6 +301,14 @@ class MatcherCases:
     lead_ends: set[str] = field(default_factory=set)      # words that may end a piece before a crossing match
     follow_starts: set[str] = field(default_factory=set)  # words that may start a piece after one
     specials: frozenset[str] = frozenset()                # every special case's text ("dont", "e.g.", ":)")
+    plain_words: bool = True  # simple_words agrees with this spaCy (checked on SIMPLE_PROBES when built)
+
+
+# One piece of each shape simple_words answers, and special cases of those shapes: if this spaCy's English rules gave
+# any of them other tokens than simple_words does (a spaCy release that changed its affix rules), plain words go
+# through spaCy like the rest
+SIMPLE_PROBES = ("word", "Word", "WORD", "word,", "word;", "word:", "word!", "word?", "word.", "Word.", "AB.", "A.",
+                 "J.", "dont", "Dont.", "cant,", "etc.", "Jan.", "vs.", "Mr.")
 
 
 def simple_words(piece: str, specials: frozenset[str]) -> tuple[str, ...] | None:
@@ -313,7 +321,8 @@ def simple_words(piece: str, specials: frozenset[str]) -> tuple[str, ...] | None
     lower-case letter (not after a lone capital: "J." stays whole). The URL pattern needs a dot inside. What spaCy
     would do differently is a special case for the piece or the word ("dont" -> "do", "nt"; "etc."; "Jan."): those
     go through spaCy. tests/test_extract_speedups.py checks against spaCy every piece of this shape in the test
-    pages, every special case with each mark and in other letter cases, and 20k random ones."""
+    pages, every special case with each mark and in other letter cases, and 20k random ones; and each process checks
+    SIMPLE_PROBES against its spaCy once, going through spaCy for every piece if a release changed these rules."""
     match = SIMPLE_PIECE.fullmatch(piece)
     if match is None or piece in specials:
         return None
@@ -433,7 +442,7 @@ class SharedSpaCyTokenizer(SpaCyTokenizer):
         learnt: dict[str, tuple[str, ...]] = {}
         hard: list[str] = []
         for piece in pieces:
-            words = simple_words(piece, cases.specials)
+            words = simple_words(piece, cases.specials) if cases.plain_words else None
             if words is None:
                 hard.append(piece)
             else:
@@ -465,7 +474,7 @@ class SharedSpaCyTokenizer(SpaCyTokenizer):
     def _matcher_cases(self) -> "MatcherCases":
         """What word_tokenize needs to know of spaCy's special-case matcher: its multi-token cases (those that
         add_special_case gives the matcher, as the tokens it matches: spaCy's tokenization without special cases)
-        and what the rules turn them into."""
+        and what the rules turn them into; and whether simple_words gives this spaCy's tokens (SIMPLE_PROBES)."""
         if self._matcher is None:
             from spacy.attrs import ORTH
             from spacy.tokenizer import Tokenizer
@@ -487,6 +496,8 @@ class SharedSpaCyTokenizer(SpaCyTokenizer):
             firsts, seconds = {a for a, _ in cases.pairs}, {b for _, b in cases.pairs}
             cases.lead_ends = firsts | {w for w, before in cases.last_before.items() if before & firsts}
             cases.follow_starts = seconds | {w for w, before in cases.first_before.items() if before & seconds}
+            cases.plain_words = all(simple_words(probe, cases.specials) in (None, tuple(self._spacy_words(probe)))
+                                    for probe in SIMPLE_PROBES)
             self._matcher = cases
         return self._matcher
 

@@ -129,6 +129,19 @@ def test_simple_words_match_spacy(texts):
             assert words == tuple(word for _, word in english._spacy_spans(piece)), piece
             checked += 1
     assert checked > 20_000 and simple_words("dont", specials) is None and simple_words("J.", specials) is None
+    assert english._matcher_cases().plain_words  # this spaCy passes the start-up probe, so the fast path is on
+
+
+def test_plain_words_go_through_spacy_when_simple_words_disagrees(monkeypatch):
+    """A spaCy whose English rules differ from what simple_words assumes (here: simple_words made wrong) fails the
+    probe when the tokenizer starts; every piece then goes through spaCy, and the words stay datatrove's."""
+    from stages import extract_steps
+
+    monkeypatch.setattr(extract_steps, "simple_words", lambda piece, specials: (piece.upper(),))
+    fresh = extract_steps.SharedSpaCyTokenizer("en")  # not the shared one: its probe already ran
+    assert not fresh._matcher_cases().plain_words
+    text = "Plain words, and more: the end. Is it? Yes!"
+    assert fresh.word_tokenize(text) == SpaCyTokenizer("en").word_tokenize(text)
 
 
 def test_word_tokenize_pieces_match_spacy_in_context():
