@@ -13,12 +13,12 @@ from datatrove.pipeline.dedup import MinhashDedupSignature
 from datatrove.pipeline.dedup.minhash import MinhashConfig
 from datatrove.pipeline.extractors import Trafilatura
 from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
-from datatrove.pipeline.formatters import PIIFormatter
 from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate, get_n_grams
+from datatrove.pipeline.formatters import PIIFormatter
 from datatrove.utils.hashing import HashConfig
+from datatrove.utils.lid import FT176LID
 from datatrove.utils.text import TextNormConfig
 from datatrove.utils.text import simplify_text as datatrove_simplify_text
-from datatrove.utils.lid import FT176LID
 from datatrove.utils.word_tokenizers import SpaCyTokenizer
 
 from stages.extract_steps import (CountingPIIFormatter, FastC4QualityFilter, FastGopherQualityFilter,
