@@ -287,7 +287,7 @@ def schedule_delete(deployment: str, schedule_id: Optional[str] = SCHEDULE_ID):
 
 # ---- status --------------------------------------------------------------------------------------------------
 KEY_STATS = ("files_ok", "documents", "vocab_size", "bytes_per_token", "train_tokens", "val_loss", "val_bpb",
-             "unigram_entropy", "val_assistant_loss_base", "val_assistant_loss", "val_accuracy",
+             "unigram_entropy", "val_assistant_loss_base", "val_assistant_loss", "val_accuracy", "val_accuracy_ci95",
              "val_reward_before", "val_reward_after", "val_accuracy_before", "val_accuracy_after", "hellaswag_acc",
              "gsm8k_acc", "reward_mean", "win_rate_vs_sft", "valid", "malformed", "real_token_fraction")
 
@@ -314,6 +314,8 @@ def status(root: Optional[str] = ROOT):
 
 
 def _fmt(v) -> str:
+    if isinstance(v, list):  # an interval
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 

@@ -158,6 +158,11 @@ def test_status(env):
     assert r.output.count("not run yet") == len(SLOTS) - 1
 
 
+def test_status_formats_intervals():
+    assert cli._fmt([0.44849, 0.58571]) == "[0.4485, 0.5857]"  # the reward model's val_accuracy_ci95
+    assert cli._fmt(0.517587) == "0.5176" and cli._fmt(101) == "101"
+
+
 def test_status_empty_store(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "console", Console(width=250))
     r = invoke("status", "--root", tmp_path / "nothing")

@@ -318,8 +318,9 @@ def fit(engine, cfg: TrainConfig, total: int, loader, loss_fn, ckpt_dir: Path, t
             t0 = time.perf_counter()
             metrics = train_step(engine, [next(loader) for _ in range(cfg.grad_accum)], loss_fn, cfg, step, total)
             step = metrics["step"]
-            metrics["tokens_per_s"] = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-            if flops_per_token and peak_flops:
+            if tokens_per_step:  # only pretrain's steps have a fixed token count; the others log no tok/s
+                metrics["tokens_per_s"] = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+            if tokens_per_step and flops_per_token and peak_flops:
                 metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / peak_flops
             history.append(metrics)
             metrics_file.write(json.dumps(metrics) + "\n")
@@ -330,8 +331,9 @@ def fit(engine, cfg: TrainConfig, total: int, loader, loss_fn, ckpt_dir: Path, t
                                              if k in metrics])
             progress(step, total, "steps")
             if step % log_every == 0 or step == total:
-                log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tok/s%s", step, total, metrics["loss"],
-                         metrics["grad_norm"], metrics["lr"], metrics["tokens_per_s"],
+                log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e%s%s", step, total, metrics["loss"],
+                         metrics["grad_norm"], metrics["lr"],
+                         f" {metrics['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in metrics else "",
                          f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "")
             if step % cfg.checkpoint_every == 0 and step < total:
                 save_checkpoint(engine, ckpt_dir, step, {"loader": loader.state_dict(), "rng": rng_state()},
