@@ -65,6 +65,42 @@ def load_pages(data: Path) -> list[tuple[str, str, str]]:
                                              data / "zyte-aeb.part1.ground_truth.jsonl")]
 
 
+def token_scores(expected: str, predicted: str) -> tuple[float, float, float]:
+    """(P, R, F1) over bags of whitespace tokens. Both empty: perfect; one empty: 0 for what has no denominator."""
+    want, got = Counter(expected.split()), Counter(predicted.split())
+    tp = sum((want & got).values())
+    n_want, n_got = sum(want.values()), sum(got.values())
+    if n_want == n_got == 0:
+        return 1.0, 1.0, 1.0
+    p = tp / n_got if n_got else 0.0
+    r = tp / n_want if n_want else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def shingle_counts(expected: str, predicted: str, n: int = 4) -> tuple[float, float, float]:
+    """The benchmark's string_shingle_matching: (tp, fp, fn) over n-gram shingles, normalised to sum to 1."""
+    def shingles(text: str) -> Counter:
+        tokens = WORD.findall(text or "")
+        return Counter(tuple(tokens[i:i + n]) for i in range(max(1, len(tokens) - n + 1)) if tokens[i:i + n])
+
+    want, got = shingles(expected), shingles(predicted)
+    tp = sum((want & got).values())
+    fp, fn = sum((got - want).values()), sum((want - got).values())
+    s = tp + fp + fn
+    return (tp / s, fp / s, fn / s) if s else (0.0, 0.0, 0.0)
+
+
+def shingle_scores(counts: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """The benchmark's metrics_from_tp_fp_fns: mean P over pages that predicted something, mean R over pages with
+    truth, F1 of the two means."""
+    def score(tp, miss_a, miss_b):
+        return 1.0 if miss_a == miss_b == 0 else (0.0 if tp == miss_a == 0 else tp / (tp + miss_a))
+
+    p = statistics.mean(score(tp, fp, fn) for tp, fp, fn in counts if tp + fp > 0)
+    r = statistics.mean(score(tp, fn, fp) for tp, fp, fn in counts if tp + fn > 0)
+    return p, r, 2 * p * r / (p + r)
+
+
 def half(url: str) -> str:
     """'A' or 'B': a fixed split of the pages by URL hash (the resiliparse options were chosen on 'A')."""
     return "AB"[int(hashlib.sha1(url.encode()).hexdigest(), 16) % 2]
