@@ -4,7 +4,8 @@
     crawl2chat refresh --preset tiny --source data/tiny-cc --crawl CC-MAIN-2024-22
     crawl2chat schedule data-refresh --cron "0 3 * * 1"     # every Monday at 03:00, once deployed
 
-A dataset version is a tokenize_shards artifact; the store alias `tokenize_shards/dataset` names the newest one.
+A dataset version is a tokenize_shards artifact; the store alias `tokenize_shards/dataset` names the newest one
+(before the first refresh, `tokenize_shards/latest`: the dataset that `crawl2chat run` made, if any).
 Each refresh:
   1. resolves the crawl (`latest` reads Common Crawl's collinfo.json) and reads its WARC listing;
   2. collects the WARC files every earlier version holds (the download artifacts in the dataset's lineage) and
@@ -70,6 +71,12 @@ def data_refresh(preset: str = "small", crawl: str = "latest", source: str | Non
     cfg = presets.load(preset, list(overrides), source)
     store = ArtifactStore(root)
     current = store.read_alias(tokenize_shards.NAME, DATASET)
+    if current is None and store.read_alias(tokenize_shards.NAME, "latest"):
+        # The first refresh of a store that `crawl2chat run` filled extends the dataset its models trained on:
+        # its files count as held and its tokenizer stays, rather than a second, unrelated dataset starting.
+        current = store.read_alias(tokenize_shards.NAME, "latest")
+        log.info("no %s alias yet: extending %s/%s, the newest dataset of this store", DATASET,
+                 tokenize_shards.NAME, current)
     chain = dataset_chain(store, current)
     held = held_files(store, chain)
 

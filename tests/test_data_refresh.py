@@ -3,7 +3,8 @@
 Refresh 1 (the older crawl) makes dataset version 1. Refresh 2 (crawl=latest: collinfo.json names the newer
 crawl) must download only the files version 1 does not hold, drop the pages that version 1 already has (the
 newer crawl re-captured some), tokenize only its new documents and list version 1's shards by reference.
-Refresh 3 finds nothing new and changes nothing.
+Refresh 3 finds nothing new and changes nothing, and so does refresh 4, which finds no `dataset` alias (a store
+filled by `crawl2chat run`) and extends tokenize_shards/latest.
 """
 
 import gzip
@@ -126,4 +127,11 @@ def test_two_refreshes_make_two_versions_and_the_second_takes_only_new_files(mir
     third = data_refresh(preset="tiny", crawl="latest", source=str(mirror), max_files=10, overrides=OVERRIDES,
                          root=root)
     assert third == second
+    assert len([m for m in store.manifests() if m["stage"] == "download"]) == 2
+
+    # a store that `crawl2chat run` filled has no dataset alias: the refresh extends tokenize_shards/latest
+    (Path(root) / "_aliases" / "tokenize_shards" / DATASET).unlink()
+    fourth = data_refresh(preset="tiny", crawl="latest", source=str(mirror), max_files=10, overrides=OVERRIDES,
+                          root=root)
+    assert fourth == second
     assert len([m for m in store.manifests() if m["stage"] == "download"]) == 2
