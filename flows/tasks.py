@@ -23,11 +23,26 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import task_run  # noqa: E402
 
-from stages.artifacts import Artifact, ArtifactStore  # noqa: E402
+from stages.artifacts import Artifact, ArtifactError, ArtifactStore  # noqa: E402
 from flows.progress import StageProgress  # noqa: E402
-from stages.common import build, reporting  # noqa: E402
+from stages.common import StageError, build, reporting  # noqa: E402
 
 logging.getLogger("crawl2chat").setLevel(logging.INFO)  # stages report progress (steps, files) at INFO
+
+
+class NoTracebackForUserErrors(logging.Filter):
+    """A StageError or ArtifactError is bad input whose message names the fix: Prefect logs it once per task and
+    once per flow with the whole traceback (150 lines for a wrong crawl name), burying that message. Keep the
+    message, drop the traceback; any other exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (StageError, ArtifactError)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):  # the loggers of Prefect's task and flow engines
+    logging.getLogger(_name).addFilter(NoTracebackForUserErrors())
 
 # Stats shown as a table in the UI; long series (loss curves, samples) stay in manifest.json.
 _LONG = (list, dict)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -161,3 +162,22 @@ def test_second_run_reuses_everything_and_a_changed_setting_rebuilds_downstream_
         {s: v for s, v in before.items() if s not in downstream}
     assert after["rl"] != before["rl"] and len(store.versions("rl")) == 2
     assert len(store.versions("evaluate")) == 4  # the rl model's evaluation, downstream of rl, re-ran too
+
+
+def test_user_errors_are_logged_without_their_traceback():
+    """Prefect logs a failed task's exception with its traceback; a StageError's one-line fix must not drown."""
+    from flows.tasks import NoTracebackForUserErrors
+    from stages.common import StageError
+
+    def record(exc: Exception) -> logging.LogRecord:
+        try:
+            raise exc
+        except Exception:
+            return logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "failed: %r", (exc,),
+                                     sys.exc_info())
+
+    user, bug = record(StageError("set crawl=CC-MAIN-2024-22")), record(KeyError("x"))
+    assert NoTracebackForUserErrors().filter(user) and user.exc_info is None
+    assert "set crawl=CC-MAIN-2024-22" in user.getMessage()
+    assert NoTracebackForUserErrors().filter(bug) and bug.exc_info is not None  # a bug keeps its traceback
+    assert any(isinstance(f, NoTracebackForUserErrors) for f in logging.getLogger("prefect.task_runs").filters)
