@@ -6,6 +6,7 @@ KV-cache engine. When the history outgrows the model's context, the oldest turns
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -18,7 +19,7 @@ from stages.lm.checkpoint import TOKENIZER, load_model
 from stages.lm.engine import stream
 
 PROMPT = "you> "
-HELP = "Type a message and press Enter. /reset clears the history, /quit (or Ctrl-D) leaves."
+HELP = "Type a message and press Enter. /reset clears the history, /quit (or /exit, Ctrl-D) leaves, /help shows this."
 
 
 class Chat:
@@ -66,7 +67,7 @@ def repl(chat: Chat, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> 
         stdout.write(PROMPT)
         stdout.flush()
         line = stdin.readline()
-        if not line or line.strip() == "/quit":
+        if not line or line.strip() in ("/quit", "/exit"):
             stdout.write("\n")
             return
         text = line.strip()
@@ -75,6 +76,9 @@ def repl(chat: Chat, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> 
         if text == "/reset":
             chat.history = []
             stdout.write("(history cleared)\n")
+            continue
+        if re.fullmatch(r"/[a-z]+", text):  # /help, or a mistyped command: not a message for the model
+            stdout.write(HELP + "\n" if text == "/help" else f"(unknown command {text}) {HELP}\n")
             continue
         stdout.write("assistant> ")
         try:

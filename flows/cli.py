@@ -298,7 +298,7 @@ def status(root: Optional[str] = ROOT):
     from flows import presets
 
     store = _store(root)
-    table = Table(title=f"artifacts in {store.root}")
+    table = Table(title=f"artifacts in {store.location}")
     for col in ("stage", "latest", "headline"):
         table.add_column(col, overflow="fold")
     for slot in presets.SLOTS:
@@ -307,10 +307,17 @@ def status(root: Optional[str] = ROOT):
         if not latest:
             table.add_row(slot, "-", "not run yet")
             continue
-        m = store.manifest(name, latest)
+        try:
+            m = store.manifest(name, latest)
+        except ArtifactError:
+            table.add_row(slot, latest, f"CORRUPT: run `crawl2chat artifacts verify {name}/{latest}`")
+            continue
         head = ", ".join(f"{k}={_fmt(m['stats'][k])}" for k in KEY_STATS if k in m["stats"])
         table.add_row(slot, latest, head)
     console.print(table)
+    if not store.stages():  # a wrong folder looks like a fresh store: say where we looked
+        console.print(f"no artifacts under {store.location} yet: run `crawl2chat run --preset tiny`, or point --root "
+                      f"(or CRAWL2CHAT_ROOT) at an existing store", highlight=False, soft_wrap=True)
 
 
 def _fmt(v) -> str:
@@ -336,11 +343,16 @@ def list_(stage: Optional[str] = typer.Argument(None), root: Optional[str] = ROO
     table = Table()
     for col in ("artifact", "ended", "inputs", "aliases"):
         table.add_column(col)
-    stages = [stage] if stage else store.stages()
-    for s in stages:
+    if stage and stage not in store.stages():
+        _fail(f"no stage '{stage}' in {store.root} (stages: {', '.join(store.stages()) or 'none yet'})")
+    for s in [stage] if stage else store.stages():
         for v in store.versions(s):
-            m = store.manifest(s, v)
             aliases = ", ".join(a for a in ("latest", "dataset", *presets.IMPORTS) if store.read_alias(s, a) == v)
+            try:
+                m = store.manifest(s, v)
+            except ArtifactError:
+                table.add_row(f"{s}/{v}", "CORRUPT", "run `crawl2chat artifacts verify`", aliases)
+                continue
             table.add_row(f"{s}/{v}", m["ended"], ", ".join(f"{i['stage']}/{i['version']}" for i in m["inputs"]),
                           aliases)
     console.print(table)
@@ -367,7 +379,13 @@ def lineage(ref: str, down: bool = typer.Option(False, "--down", help="what was 
             console.print(child)
         return
 
+    shown: set[str] = set()
+
     def add(node: Tree, up: dict) -> None:
+        if up["ref"] in shown:  # a DAG, not a tree: the WARC files feed every model stage, so list each once
+            node.add(f"{up['ref']}  (shown above)")
+            return
+        shown.add(up["ref"])
         branch = node.add(f"[bold]{up['ref']}[/]  ({up['manifest']['ended']})")
         if up["manifest"]["stage"] == "download":
             for f in up["manifest"]["files"]:
@@ -428,9 +446,9 @@ def export(ref: str = typer.Argument(..., metavar="ARTIFACT", help="a pretrain, 
 # ---- chat ----------------------------------------------------------------------------------------------------
 CHAT_STAGES = ("rl", "sft")  # the default model: the newest assistant, else the newest chat model
 # sampling options shared by `chat` and `generate`
-TEMPERATURE = typer.Option(0.8, help="0 is greedy")
-TOP_K = typer.Option(50, help="sample among the k likeliest tokens (0: all)")
-MAX_NEW_TOKENS = typer.Option(256, help="longest reply in tokens")
+TEMPERATURE = typer.Option(0.8, min=0.0, help="0 is greedy")
+TOP_K = typer.Option(50, min=0, help="sample among the k likeliest tokens (0: all)")
+MAX_NEW_TOKENS = typer.Option(256, min=1, help="longest reply in tokens")
 SEED = typer.Option(None, help="fix the sampling for reproducible replies")
 
 

@@ -129,7 +129,7 @@ def load(preset: str, overrides: list[str] = (), source: str | None = None) -> P
         cfg = _set(cfg, download=dict(source=source))
     per_stage: dict[str, dict[str, str]] = {}
     for text in overrides:
-        key, value = parse_assignment(text)
+        key, value = parse_assignment(text, "stage.field=value, e.g. pretrain.steps=100")
         slot, dot, fld = key.partition(".")
         if not dot or slot not in SLOTS:
             raise StageError(f"override '{text}' must name a stage: stage.field=value with stage one of "

@@ -113,6 +113,11 @@ class ArtifactStore:
         default_cache = Path(os.environ.get("CRAWL2CHAT_CACHE", Path.home() / ".cache" / "crawl2chat"))
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache
 
+    @property
+    def location(self) -> str:
+        """The root as a user should read it: an absolute path for a local store, the URL otherwise."""
+        return self._base if self.is_local else self.root
+
     # ---- paths ---------------------------------------------------------------------------------------------
     def _dir(self, stage: str, version: str) -> str:
         return f"{self._base}/{stage}/{version}"
@@ -137,6 +142,7 @@ class ArtifactStore:
             raise ArtifactError(f"no committed artifact {stage}/{version} in {self.root}: "
                                 f"run `crawl2chat artifacts list` to see what is there")
         if self.is_local:
+            self._check_sizes(stage, version)
             return Artifact(stage, version, Path(self._dir(stage, version)))
         local = self.cache_dir / "artifacts" / self._root_key() / stage / version
         if not (local / MARKER).exists():
@@ -159,9 +165,26 @@ class ArtifactStore:
                     self.get(i["stage"], i["version"])
         return Artifact(stage, version, local)
 
+    def _check_sizes(self, stage: str, version: str) -> None:
+        """Every file of the manifest is there with its size. Not the sha256 (that is `verify`): hashing a
+        dataset's shards on every reuse would cost minutes, and a stat catches what a crash, a cut copy or an
+        append leaves behind."""
+        base = Path(self._dir(stage, version))
+        for f in self.manifest(stage, version)["files"]:
+            path = base / f["path"]
+            if not path.is_file() or path.stat().st_size != f["size"]:
+                raise ArtifactError(f"{stage}/{version} is corrupt: {f['path']} is missing or not the size its "
+                                    f"manifest records; run `crawl2chat artifacts verify {stage}/{version}`, "
+                                    f"delete {base} and re-run to rebuild it")
+
     def manifest(self, stage: str, version: str) -> dict:
-        with self.fs.open(f"{self._dir(stage, version)}/{MANIFEST}", "r") as f:
-            return json.load(f)
+        try:
+            with self.fs.open(f"{self._dir(stage, version)}/{MANIFEST}", "r") as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{stage}/{version} is corrupt: its {MANIFEST} is missing or unreadable "
+                                f"({type(e).__name__}); delete {self._dir(stage, version)} and re-run to rebuild "
+                                f"it") from None
 
     def stages(self) -> list[str]:
         if not self.fs.exists(self._base):
@@ -178,7 +201,8 @@ class ArtifactStore:
         for p in self.fs.ls(base, detail=False):
             v = Path(p).name
             if not v.startswith(".") and self.is_committed(stage, v):
-                found.append((self.manifest(stage, v)["ended"], v))
+                # the marker holds the commit time: a corrupt manifest still lists, and `verify` reports it
+                found.append((self.fs.cat_file(f"{base}/{v}/{MARKER}").decode().strip(), v))
         return [v for _, v in sorted(found)]
 
     def manifests(self) -> Iterable[dict]:
@@ -188,11 +212,18 @@ class ArtifactStore:
 
     def resolve(self, ref: str) -> tuple[str, str]:
         """`stage`, `stage/latest`, `stage/<tag>`, `stage/<version>` or a version prefix -> (stage, version)."""
-        stage, _, name = ref.partition("/")
+        stage, slash, name = ref.partition("/")
         name = name or "latest"
+        if stage not in self.stages() and not slash:  # a bare version prefix, of any stage
+            matches = [(s, v) for s in self.stages() for v in self.versions(s) if v.startswith(ref)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise ArtifactError(f"'{ref}' matches several artifacts: "
+                                    f"{', '.join(f'{s}/{v}' for s, v in matches)}; give more characters")
         if stage not in self.stages():
             known = ", ".join(self.stages()) or "none yet"
-            raise ArtifactError(f"no stage '{stage}' in {self.root} (stages: {known})")
+            raise ArtifactError(f"no stage or version '{stage}' in {self.location} (stages: {known})")
         alias = self.read_alias(stage, name)
         if alias:
             return stage, alias
@@ -270,7 +301,10 @@ class ArtifactStore:
     def verify(self, stage: str, version: str) -> list[str]:
         """Re-hash every file of a committed artifact; returns the differences (empty when intact)."""
         base = self._dir(stage, version)
-        manifest = self.manifest(stage, version)
+        try:
+            manifest = self.manifest(stage, version)
+        except ArtifactError as e:
+            return [str(e)]
         problems = []
         listed = set()
         for f in manifest["files"]:

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import inspect
 import json
 import logging
 import sys
@@ -176,16 +177,32 @@ def apply_overrides(cfg: Any, overrides: dict[str, str], where: str) -> Any:
         raise StageError(f"{where}: {e}") from None
 
 
-def parse_assignment(text: str) -> tuple[str, str]:
+def parse_assignment(text: str, form: str = "field=value") -> tuple[str, str]:
+    """`key=value` -> (key, value). form: how the caller's keys look, for the error (the CLI's are stage.field)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise StageError(f"malformed override '{text}': write it as field=value (or stage.field=value)")
+        raise StageError(f"malformed override '{text}': write it as {form}")
     return key.strip(), value.strip()
+
+
+def check_input_count(stage: types.ModuleType, given: int) -> None:
+    """The stage's run() takes its inputs positionally, in order: name them when too few or too many are given."""
+    params = list(inspect.signature(stage.run).parameters.values())[1:]  # after cfg
+    required = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
+    takes_more = any(p.kind == p.VAR_POSITIONAL for p in params)
+    if given < len(required) or (given > len(required) and not takes_more):
+        needs = f"{len(required)} input(s), in this order: {', '.join(required)}" if required else "no inputs"
+        raise StageError(f"{stage.NAME} takes {needs}{' (and optional more)' if takes_more else ''}, but "
+                         f"{given} --input were given; `python -m stages.{stage.NAME} --help` shows examples")
 
 
 def main(stage: types.ModuleType, argv: list[str] | None = None) -> None:
     """`python -m stages.<name> --root DIR [--input stage/version ...] [--set field=value ...]`."""
-    p = argparse.ArgumentParser(prog=f"python -m stages.{stage.NAME}", description=stage.__doc__.split("\n")[0])
+    settings = "\n".join(f"  {k} = {v!r}" for k, v in config_dict(stage.Config()).items())
+    p = argparse.ArgumentParser(prog=f"python -m stages.{stage.NAME}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="\n\n".join(stage.__doc__.split("\n\n")[:2]),  # summary + usage
+                                epilog=f"settings for --set, with their defaults:\n{settings}")
     p.add_argument("--root", default="artifacts", help="artifact store: a path or fsspec URL")
     p.add_argument("--input", action="append", default=[], help="input artifact: stage, stage/latest or stage/version")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a Config field")
@@ -194,6 +211,7 @@ def main(stage: types.ModuleType, argv: list[str] | None = None) -> None:
     try:
         store = ArtifactStore(args.root)
         cfg = apply_overrides(stage.Config(), dict(parse_assignment(s) for s in args.set), stage.NAME)
+        check_input_count(stage, len(args.input))
         inputs = [store.get(*store.resolve(ref)) for ref in args.input]
         result = build(stage, cfg, inputs, store)
     except (StageError, ArtifactError) as e:

@@ -90,6 +90,8 @@ class Config:
             raise ValueError(f"crawl '{self.crawl}' is not a Common Crawl name such as CC-MAIN-2024-22 (or 'latest')")
         if not 0 <= self.fraction <= 1:
             raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
+        if self.num_files is not None and self.num_files < 0:
+            raise ValueError(f"num_files must be 0 (every file of the source) or more, got {self.num_files}")
         if self.fraction and self.num_files is not None:
             raise ValueError("num_files and fraction are exclusive: set num_files=none to use fraction")
         if self.files and (self.num_files is not None or self.fraction):

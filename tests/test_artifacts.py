@@ -273,6 +273,24 @@ def test_verify_truncated_file(store, committed):
     assert len(problems) == 1 and problems[0].startswith("size changed: data.json")
 
 
+def test_reuse_refuses_a_file_of_another_size(store, committed):
+    p = writable(committed.path / "data.json")
+    p.write_bytes(p.read_bytes() + b"\n")  # an append: `verify` would find it, a plain reuse must not miss it
+    with pytest.raises(ArtifactError, match=f"artifacts verify fake/{committed.version}"):
+        store.get("fake", committed.version)
+    with pytest.raises(ArtifactError, match="is corrupt"):
+        build(make_stage(), FakeConfig(), [], store)  # the same recipe: not silently reused
+
+
+def test_a_missing_manifest_is_reported_not_a_crash(store, committed):
+    (committed.path / MANIFEST).unlink()
+    assert store.versions("fake") == [committed.version]  # still listed, so `verify` reaches it
+    problems = store.verify("fake", committed.version)
+    assert len(problems) == 1 and "manifest.json is missing or unreadable" in problems[0]
+    with pytest.raises(ArtifactError, match="delete .* and re-run"):
+        store.get("fake", committed.version)
+
+
 # ---- aliases and refs -----------------------------------------------------------------------------------------
 def test_aliases_and_resolve(store):
     stage = make_stage()
@@ -323,6 +341,16 @@ def test_resolve_ambiguous_prefix(store):
         versions.add(v)
     with pytest.raises(ArtifactError, match="several versions"):
         store.resolve(f"fake/{v[0]}")
+
+
+def test_resolve_a_bare_version_prefix(store):
+    a = build(make_stage("a"), FakeConfig(), [], store).artifact.version
+    b = build(make_stage("b"), FakeConfig(), [], store).artifact.version
+    prefix = next(a[:k] for k in range(4, 13) if not b.startswith(a[:k]))  # 4+ characters: never a stage name
+    assert store.resolve(prefix) == ("a", a)
+    assert store.resolve(b) == ("b", b)
+    with pytest.raises(ArtifactError, match="no stage or version 'zzzz'"):
+        store.resolve("zzzz")
 
 
 def test_resolve_in_empty_store(tmp_path):
@@ -525,6 +553,21 @@ def test_apply_overrides_types_tuple_elements():
 def test_parse_assignment_rejects_malformed(text):
     with pytest.raises(StageError, match="field=value"):
         parse_assignment(text)
+
+
+def test_stage_main_names_the_inputs_it_needs_and_lists_its_settings(tmp_path, capsys):
+    from stages import pretrain
+    from stages.common import main
+    with pytest.raises(SystemExit) as e:
+        main(pretrain, ["--root", str(tmp_path / "store"), "--input", "tokenize_shards"])
+    assert "2 input(s), in this order: shards, tokenizer" in str(e.value.code) and "1 --input" in str(e.value.code)
+    assert not (tmp_path / "store").exists()  # refused before anything ran
+    with pytest.raises(SystemExit) as e:
+        main(pretrain, ["--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "python -m stages.pretrain --root artifacts --input tokenize_shards" in help_text  # the usage examples
+    assert "depth = " in help_text and "seq_len = " in help_text  # every --set field, with its default
 
 
 def test_parse_assignment_ok():

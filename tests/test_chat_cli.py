@@ -68,7 +68,10 @@ def test_chat_in_a_pseudo_terminal(store):
         assert reply, turn  # a random model still says something: 12 tokens at most, streamed
         os.write(controller, b"/reset\n")
         assert b"history cleared" in read_until(controller, b"you> ")
-        os.write(controller, b"/quit\n")
+        os.write(controller, b"/hlep\n")  # a mistyped command is not sent to the model
+        answer = read_until(controller, b"you> ")
+        assert b"unknown command /hlep" in answer and b"assistant> " not in answer, answer
+        os.write(controller, b"/exit\n")
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()

@@ -119,6 +119,31 @@ def test_artifacts_lineage_up_and_down(env):
     assert r.exit_code == 0 and r.output.strip() == ""
 
 
+def test_artifacts_lineage_lists_a_shared_ancestor_once(env):
+    store = ArtifactStore(env["root"])
+    d = build(fake_stage("faked"), FakeConfig(), [env["fakeb"], env["fakec"]], store).artifact  # fakeb twice
+    r = invoke("artifacts", "lineage", d.ref, "--root", env["root"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("zyte-aeb-part1.warc.gz") == 1 and r.output.count(env["download"].ref) == 1
+    assert f"{env['fakeb'].ref}  (shown above)" in r.output
+
+
+def test_a_bare_version_prefix_is_a_ref(env):
+    r = invoke("artifacts", "show", env["fakeb"].version[:6], "--root", env["root"])
+    assert r.exit_code == 0 and json.loads(r.output)["stage"] == "fakeb", r.output
+
+
+def test_a_missing_manifest_shows_as_corrupt(env):
+    d = env["download"]
+    (env["root"] / "download" / d.version / "manifest.json").unlink()
+    r = invoke("status", "--root", env["root"])
+    assert r.exit_code == 0 and f"CORRUPT: run `crawl2chat artifacts verify {d.ref}`" in r.output, r.output
+    r = invoke("artifacts", "list", "--root", env["root"])
+    assert r.exit_code == 0 and "CORRUPT" in r.output, r.output
+    r = invoke("artifacts", "verify", "--root", env["root"])
+    assert r.exit_code == 1 and f"CORRUPT {d.ref}" in r.output and "manifest.json is missing" in r.output
+
+
 def test_artifacts_verify_ok(env):
     r = invoke("artifacts", "verify", "--root", env["root"])
     assert r.exit_code == 0, r.output
@@ -167,6 +192,18 @@ def test_status_empty_store(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "console", Console(width=250))
     r = invoke("status", "--root", tmp_path / "nothing")
     assert r.exit_code == 0 and r.output.count("not run yet") == len(SLOTS)
+    assert f"no artifacts under {tmp_path / 'nothing'} yet" in r.output  # the absolute path: a wrong folder shows
+
+
+def test_artifacts_list_unknown_stage(env):
+    r = invoke("artifacts", "list", "nosuch", "--root", env["root"])
+    assert r.exit_code == 1 and "no stage 'nosuch'" in r.output and "fakeb" in r.output
+
+
+@pytest.mark.parametrize("option", [["--top-k", "-5"], ["--temperature", "-1"], ["--max-new-tokens", "0"]])
+def test_sampling_options_out_of_range(env, option):
+    r = invoke("generate", "fakeb", "hi", *option, "--root", env["root"])
+    assert r.exit_code == 2 and option[0] in r.output, r.output  # click's usage error names the option
 
 
 def test_artifacts_on_memory_root(tmp_path, monkeypatch):

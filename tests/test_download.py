@@ -313,6 +313,8 @@ def test_fraction_and_split():
     assert download.how_many(download.Config(), 50) == 1 and download.how_many(download.Config(num_files=0), 50) == 0
     with pytest.raises(ValueError, match="exclusive"):
         download.Config(num_files=2, fraction=0.5)
+    with pytest.raises(ValueError, match="num_files must be 0"):
+        download.Config(num_files=-1)
     shares = download.split([f"f{i}" for i in range(7)], 3)
     assert shares == [["f0", "f3", "f6"], ["f1", "f4"], ["f2", "f5"]]
     assert download.split(["f0"], 4) == [["f0"]]

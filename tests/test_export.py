@@ -186,3 +186,6 @@ def test_cli_export(world, tmp_path, monkeypatch):
     assert len(r.output.strip().splitlines()) == 1  # one line that names the fix
     r = runner.invoke(cli.app, ["export", "pretrain", "--format", "gguf", *args])
     assert r.exit_code == 1 and "use --format hf" in r.output
+    (tmp_path / "a-file.txt").write_text("not a folder")
+    r = runner.invoke(cli.app, ["export", "pretrain", "--out", str(tmp_path / "a-file.txt"), *args])
+    assert r.exit_code == 1 and "is a file: give --out a folder" in r.output, r.output

@@ -138,6 +138,8 @@ def export_hf(model_dir: Path, out_dir: Path) -> dict:
     from stages.lm.checkpoint import TOKENIZER, load_model
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise StageError(f"{out_dir} is a file: give --out a folder (new or existing) to write the export into")
     model, meta, extra = load_model(model_dir)  # raises "pass a pretrain, sft, reward_model or rl artifact"
     if not (model_dir / TOKENIZER).exists():
         raise StageError(f"{model_dir} has no {TOKENIZER}: the artifact is incomplete; re-run the stage that made it")
