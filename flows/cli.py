@@ -344,7 +344,7 @@ def list_(stage: Optional[str] = typer.Argument(None), root: Optional[str] = ROO
     for col in ("artifact", "ended", "inputs", "aliases"):
         table.add_column(col)
     if stage and stage not in store.stages():
-        _fail(f"no stage '{stage}' in {store.root} (stages: {', '.join(store.stages()) or 'none yet'})")
+        _fail(f"no stage '{stage}' in {store.location} (stages: {', '.join(store.stages()) or 'none yet'})")
     for s in [stage] if stage else store.stages():
         for v in store.versions(s):
             aliases = ", ".join(a for a in ("latest", "dataset", *presets.IMPORTS) if store.read_alias(s, a) == v)
