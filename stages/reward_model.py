@@ -24,6 +24,10 @@ the split); a run takes about 1 min (150 steps) to 3-4 min (600) on a shared 2-c
       0.50 / 0.51 / 0.49; mean reply token embedding 0.49 / 0.51 / 0.50; the base model's 0.46 / 0.51 / 0.53
     reply log-probability, no training: under the SFT model 0.506; SFT minus base (DPO's implicit reward) 0.522
     bag-of-words logistic regression (word counts or tf-idf, C by CV): 0.51-0.55 held out, 0.53-0.54 in CV
+    preference-model pre-training first (Askell et al. 2021: a reply against another prompt's reply, 400 steps lr
+      1e-3, then the 150 steps above; a plain AdamW loop that scores 0.504 without it): on the 800 conversations
+      0.500, on the training pairs' own replies 0.516; the model does not even learn which reply belongs to the
+      prompt (0.44 and 0.55 held out on that task)
 
 Earlier, on the first 800 pairs (200 held out, +-0.07): whole model 0.51-0.53, head alone 0.52-0.57 on one split
 but 0.51-0.53 under 4-fold cross-validation; the head alone on the 3000, 0.49-0.50. So even the bag-of-words
