@@ -81,6 +81,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def _interrupted() -> None:
+    console.print("[bold yellow]interrupted:[/] committed stages are kept and the interrupted one resumes from its "
+                  "staging folder (its last checkpoint): run the same command again", highlight=False, soft_wrap=True)
+    raise typer.Exit(130)  # 128 + SIGINT, as a shell reports a Ctrl-C
+
+
 def _store(root: Optional[str]) -> ArtifactStore:
     return ArtifactStore(_root(root))
 
@@ -113,11 +119,16 @@ def run(preset: str = typer.Option("tiny", help="tiny | small | d20"),
             from stages.download import read_listing
 
             read_listing(cfg.download)  # the listing is small; a source without one is a one-line error here
-        from flows.pipeline import end_to_end
+        from flows.server import temporary
 
-        built = end_to_end(preset=preset, overrides=list(set_), source=source, until=until, root=_root(root))
+        with temporary():
+            from flows.pipeline import end_to_end
+
+            built = end_to_end(preset=preset, overrides=list(set_), source=source, until=until, root=_root(root))
     except (StageError, ArtifactError) as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        _interrupted()
     console.print(f"[bold green]done[/] ({len(built)} stages); artifacts in {_root(root)}")
     for ref in built:
         console.print(f"  {ref}")
@@ -135,12 +146,17 @@ def refresh(preset: str = typer.Option("small", help="tiny | small | d20: the da
 
     try:
         presets.load(preset, set_, source)  # fail fast on a bad preset or override, before Prefect starts
-        from flows.data_refresh import data_refresh
+        from flows.server import temporary
 
-        ref = data_refresh(preset=preset, crawl=crawl, source=source, max_files=max_files, overrides=list(set_),
-                           root=_root(root))
+        with temporary():
+            from flows.data_refresh import data_refresh
+
+            ref = data_refresh(preset=preset, crawl=crawl, source=source, max_files=max_files,
+                               overrides=list(set_), root=_root(root))
     except (StageError, ArtifactError) as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        _interrupted()
     console.print(f"[bold green]dataset[/] {ref} (alias tokenize_shards/dataset)")
 
 
@@ -151,16 +167,21 @@ def _run_deployment(preset: str, source: Optional[str], until: Optional[str], ov
     params = dict(preset=preset, overrides=overrides, source=source, until=until)
     if root:  # else the deployment's default, ./artifacts in the worker's working directory
         params["root"] = root
-    run_id, name, link = deploy.trigger(deploy.END_TO_END, params)
-    console.print(f"flow run [bold]{name}[/] created: {link}", soft_wrap=True)
+    run_id, _, link = deploy.trigger(deploy.END_TO_END, params)  # its name comes when a worker starts it
+    console.print(f"flow run created: {link}", soft_wrap=True)
+    workers = ("a worker on the cpu pool (`crawl2chat worker cpu`) runs it, and one on the gpu pool (`crawl2chat "
+               "worker gpu`) its training stages")
     if not wait:
-        console.print("a worker on the cpu pool runs it: `crawl2chat worker cpu`")
+        console.print(workers, highlight=False, soft_wrap=True)
         return
-    console.print("waiting for a worker on the cpu pool (`crawl2chat worker cpu`) to run it...")
-    state = deploy.wait(run_id)
-    if not state.is_completed():
-        _fail(f"flow run {name} ended {state.name}: {state.message or ''} (logs: {link})")
-    console.print(f"[bold green]done[/] flow run {name}")
+    for pool in ("cpu", "gpu"):
+        if not deploy.online_workers(pool):
+            console.print(f"[yellow]warning:[/] no worker polls the {pool} pool yet", highlight=False)
+    console.print(f"waiting: {workers}...", highlight=False, soft_wrap=True)
+    run = deploy.wait(run_id)
+    if not run.state.is_completed():
+        _fail(f"flow run {run.name} ended {run.state.name}: {run.state.message or ''} (logs: {link})")
+    console.print(f"[bold green]done[/] flow run {run.name}")
 
 
 # ---- server, deployments, schedules ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ This module imports no Prefect code: the CLI calls it before Prefect reads its s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 from stages.common import StageError
 
@@ -29,6 +31,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4200  # Prefect's own default; the UI is at http://127.0.0.1:4200
 STATE_NAME = "crawl2chat-server.json"
 LOG_NAME = "crawl2chat-server.log"
+TEMPORARY_LOG_NAME = "crawl2chat-temporary-server.log"  # the servers of single commands (`temporary`)
 
 
 def prefect_home() -> Path:
@@ -121,36 +124,80 @@ def start(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, database_url: str 
     if not _port_free(host, port):
         raise StageError(f"port {port} on {host} is taken by another program: stop it, or pick another port "
                          f"with `crawl2chat server start --port N`")
-    home = prefect_home()
-    home.mkdir(parents=True, exist_ok=True)
-    log_path = home / LOG_NAME
     url = f"http://{host}:{port}"
-    env = dict(os.environ)
-    env.pop("PREFECT_API_URL", None)  # the server must not mistake itself for a client of another server
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # offline machines: no phoning home
-    env["PREFECT_UI_API_URL"] = f"{url}/api"  # where the UI in the browser finds the API
+    env = {"PREFECT_UI_API_URL": f"{url}/api"}  # where the UI in the browser finds the API
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    log_path = prefect_home() / LOG_NAME
+    try:
+        proc = _launch(host, port, env, log_path, timeout)
+    except StageError as e:
+        if not database_url:
+            raise
+        raise StageError(f"{e}; check that the database at {_mask(database_url)} is running and that the URL, user "
+                         f"and password are right") from None
+    state = ServerState(pid=proc.pid, url=url, api_url=f"{url}/api", log=str(log_path),
+                        database=_mask(database_url) if database_url else "sqlite")
+    state.write()
+    return state
+
+
+def _launch(host: str, port: int, env: dict[str, str], log_path: Path, timeout: float) -> subprocess.Popen:
+    """`prefect server start` in the background with `env` on top of ours; returns once its health check answers."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env}  # offline machines: no phoning home
+    env.pop("PREFECT_API_URL", None)  # the server must not mistake itself for a client of another server
+    api_url = f"http://{host}:{port}/api"
     with open(log_path, "ab") as log:
-        # start_new_session: the server is not in the terminal's process group, so Ctrl-C on a later command
-        # does not reach it; `stop` signals the whole group it leads.
+        # start_new_session: the server is not in the terminal's process group, so Ctrl-C on a command does not
+        # reach it; stopping it signals the whole group it leads.
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host,
                                  "--port", str(port)], stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    state = ServerState(pid=proc.pid, url=url, api_url=f"{url}/api", log=str(log_path),
-                        database=_mask(database_url) if database_url else "sqlite")
     deadline = time.monotonic() + timeout
-    while not healthy(state.api_url):
+    while not healthy(api_url):
         if proc.poll() is not None:
             raise StageError(f"the Prefect server exited with code {proc.returncode} before answering: "
                              f"see {log_path} (last lines: {_tail(log_path)})")
         if time.monotonic() > deadline:
             _kill_group(proc.pid)
-            raise StageError(f"the Prefect server did not answer {state.api_url}/health within {timeout:.0f} s: "
+            raise StageError(f"the Prefect server did not answer {api_url}/health within {timeout:.0f} s: "
                              f"see {log_path}, or give it longer with --timeout")
         time.sleep(0.5)
-    state.write()
-    return state
+    return proc
+
+
+@contextlib.contextmanager
+def temporary(timeout: float = 120.0) -> Iterator[None]:
+    """A server for one command (`run`, `refresh`) when none is set: started, pointed at, stopped at the end.
+
+    Why not Prefect's own temporary server: it runs in the terminal's process group, so Ctrl-C killed it before
+    the flow could record the interrupt, and the command then spent two minutes printing connection errors and
+    exited 1. This one leads its own session: Ctrl-C reaches only the flow, which records its crash and stops
+    (exit 130). Same database as Prefect's ($PREFECT_HOME), no UI; `crawl2chat server start` gives one that
+    stays. Called before Prefect is imported, like use_server_from_state.
+    """
+    if os.environ.get("PREFECT_API_URL"):  # a server of `crawl2chat server start`, or one the user named
+        yield
+        return
+    with socket.socket() as probe:  # a free port: several commands may each run their own
+        probe.bind((DEFAULT_HOST, 0))
+        port = probe.getsockname()[1]
+    proc = _launch(DEFAULT_HOST, port, {"PREFECT_UI_ENABLED": "false"}, prefect_home() / TEMPORARY_LOG_NAME,
+                   timeout)
+    os.environ["PREFECT_API_URL"] = f"http://{DEFAULT_HOST}:{port}/api"
+    try:
+        yield
+    finally:
+        if "prefect" in sys.modules:  # send the run's last logs and events while the server still listens
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)
+            EventsWorker.drain_all(timeout=5)
+        os.environ.pop("PREFECT_API_URL", None)
+        _kill_group(proc.pid)
+        proc.wait()
 
 
 def _tail(path: Path, lines: int = 5) -> str:

@@ -181,3 +181,44 @@ def test_user_errors_are_logged_without_their_traceback():
     assert "set crawl=CC-MAIN-2024-22" in user.getMessage()
     assert NoTracebackForUserErrors().filter(bug) and bug.exc_info is not None  # a bug keeps its traceback
     assert any(isinstance(f, NoTracebackForUserErrors) for f in logging.getLogger("prefect.task_runs").filters)
+
+
+def test_ctrl_c_stops_the_run_at_once_and_leaves_no_server(env, tmp_path):
+    """Ctrl-C reaches the terminal's whole process group. The run's temporary Prefect server must not be in it
+    (Prefect's own was, so it died first and the run spent two minutes on connection errors, then exited 1)."""
+    import select
+    import signal
+    import time
+
+    run_env = {**env, "CRAWL2CHAT_ROOT": str(tmp_path / "artifacts")}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--preset", "tiny", "--until", "pretrain"],
+                            cwd=REPO, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own group, as a terminal's foreground job is
+    out, deadline = b"", time.monotonic() + 600
+    try:
+        while b"step 10/" not in out and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                out += proc.stdout.read1(65536)
+        assert b"step 10/" in out, out[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+        t0 = time.monotonic()
+        rest, _ = proc.communicate(timeout=120)
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    after = rest.decode(errors="replace")
+    assert proc.returncode == 130, after[-3000:]
+    assert "interrupted:" in after and "run the same command again" in after
+    assert "Error logging to API" not in after and "Connection refused" not in after, after[-3000:]
+    assert seconds < 60, seconds  # it took 136 s with Prefect's temporary server; about 5 s now
+    # no process of this run is left (the temporary server leads a session of its own: the group kill missed it)
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"CRAWL2CHAT_ROOT={run_env['CRAWL2CHAT_ROOT']}".encode() in environ:
+            left.append(pid)
+    assert not left, left
