@@ -73,8 +73,12 @@ def run_training(stage: str, preset: str, overrides: list[str], source: str | No
     committed and reuses it. Needs an artifact root both pools reach (a shared volume, or an fsspec URL such
     as s3://...). The run is a subflow of the caller's run in the UI, and can be cancelled or retried alone.
     """
+    from prefect import get_run_logger
     from prefect.deployments import run_deployment
 
+    if not online_workers("gpu"):  # the run would wait, Late, with nothing on screen to say why
+        get_run_logger().warning("no worker polls the gpu pool: the %s run waits until one does. Start "
+                                 "`crawl2chat worker gpu` on a GPU host (or on this one, to train on its CPU)", stage)
     run = run_deployment(deployment, parameters=dict(stage=stage, preset=preset, overrides=list(overrides),
                                                      source=source, root=root))
     if not run.state or not run.state.is_completed():
@@ -94,6 +98,14 @@ def require_server() -> str:
         raise StageError("no Prefect server: start one with `crawl2chat server start` (or set PREFECT_API_URL "
                          "to a running server's /api address)")
     return url
+
+
+def online_workers(pool: str) -> int:
+    """How many workers of `pool` the server counts as online (a heartbeat within its interval)."""
+    from prefect.client.schemas.objects import WorkerStatus
+
+    with _client() as client:
+        return sum(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool(pool))
 
 
 def _client():
@@ -259,13 +271,14 @@ def trigger(name: str, parameters: dict) -> tuple[str, str, str]:
 
 
 def wait(flow_run_id: str, poll: float = 2.0):
-    """Block until the run reaches a final state; returns that state (Completed, Failed, Crashed, Cancelled)."""
+    """Block until the run reaches a final state (Completed, Failed, Crashed, Cancelled); returns the flow run,
+    whose name is the one its flow gave it on starting (tiny-<hash>), not the placeholder it was created with."""
     import time
     from uuid import UUID
 
     with _client() as client:
         while True:
-            state = client.read_flow_run(UUID(flow_run_id)).state
-            if state is not None and state.is_final():
-                return state
+            run = client.read_flow_run(UUID(flow_run_id))
+            if run.state is not None and run.state.is_final():
+                return run
             time.sleep(poll)

@@ -157,6 +157,18 @@ def test_server_start_refuses_a_taken_port_and_a_second_server(tmp_path, monkeyp
         server.start(port=free_port())
 
 
+def test_server_start_on_an_unreachable_database_names_the_fix(tmp_path, monkeypatch):
+    from flows import server
+    from stages.common import StageError
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    url = f"postgresql+asyncpg://prefect:secret@127.0.0.1:{free_port()}/prefect"  # nothing listens there
+    with pytest.raises(StageError, match=r"exited with code .* check that the database at "
+                                         r"postgresql\+asyncpg://prefect:\*\*\*@127.0.0.1:\d+/prefect is running"):
+        server.start(port=free_port(), database_url=url, timeout=60)
+    assert not server.ServerState.path().exists()
+
+
 def test_a_dead_server_is_forgotten_with_a_warning(tmp_path, monkeypatch):
     from flows import server
 
@@ -278,7 +290,7 @@ def test_run_through_the_deployment_on_a_worker(deployed, tmp_path):
                             "--root", str(root)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
-        first = cli.stdout.readline()  # "flow run <name> created: <UI link>", then it waits
+        first = cli.stdout.readline()  # "flow run created: <UI link>", then it waits
         assert "/runs/flow-run/" in first, first + cli.stdout.read()
         run_id = first.split("/runs/flow-run/")[1].split()[0]
         # --run-once: the worker takes the runs that are due, waits for them, and exits
@@ -290,6 +302,8 @@ def test_run_through_the_deployment_on_a_worker(deployed, tmp_path):
     status, run = api(url, f"/flow_runs/{run_id}")
     assert run["state"]["type"] == "COMPLETED"
     assert run["name"].startswith("tiny-") and run["parameters"]["until"] == "download"
+    assert f"done flow run {run['name']}" in rest  # the name the run took on starting, as the UI shows it
+    assert "no worker polls the gpu pool yet" in rest  # none in this test: said before the wait
     assert ArtifactStore(str(root)).read_alias("download", "latest")  # the worker committed it where we said
     artifacts = api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})[1]
     assert sorted(a["key"] for a in artifacts) == ["download", "download-progress"]  # stats, and progress
