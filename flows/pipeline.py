@@ -4,7 +4,8 @@
 
 Each line is one stage (stages/<name>.py) and the artifacts it reads. A stage whose recipe is unchanged is
 reused from the artifact store; `--set stage.field=value` re-runs that stage and everything downstream.
-Without a Prefect server configured (PREFECT_API_URL), Prefect runs its embedded local API.
+Without a Prefect server configured (PREFECT_API_URL), `crawl2chat run` starts a temporary one (flows/server.py);
+`python -m flows.pipeline` uses Prefect's own.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ background process, waits until its health check answers, and writes a small sta
 $PREFECT_HOME/crawl2chat-server.json. Every later `crawl2chat` command reads that file (`use_server_from_state`)
 and sets PREFECT_API_URL, so runs, deployments and schedules go to that server and show in its UI. An
 explicit PREFECT_API_URL in the environment always wins. `stop` ends the process and removes the file.
+`run` and `refresh` without a server start one of their own for the command (`temporary`).
 
 This module imports no Prefect code: the CLI calls it before Prefect reads its settings.
 """
@@ -238,7 +239,7 @@ def use_server_from_state() -> str | None:
     """Point this process's Prefect client at the server `start` left running. Returns a warning or None.
 
     Called by the CLI before any Prefect import. PREFECT_API_URL already set in the environment wins. A state
-    file whose process is gone is removed, and runs fall back to Prefect's embedded API, with a warning.
+    file whose process is gone is removed, with a warning (runs then start a `temporary` server).
     """
     if os.environ.get("PREFECT_API_URL"):
         return None
@@ -251,6 +252,6 @@ def use_server_from_state() -> str | None:
     if not _alive(state.pid):
         ServerState.path().unlink(missing_ok=True)
         return (f"the Prefect server started at {state.url} (pid {state.pid}) is no longer running: commands "
-                f"use Prefect's embedded API until `crawl2chat server start` starts one again")
+                f"run without it until `crawl2chat server start` starts one again")
     os.environ["PREFECT_API_URL"] = state.api_url
     return None

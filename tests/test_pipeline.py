@@ -1,8 +1,8 @@
 """The tiny preset end to end through Prefect and the CLI, as a new user runs it.
 
 One full run (with a corrupt WARC file added to the source), a second run that reuses every stage, and a run
-with one RL setting changed that rebuilds only the RL stage. Prefect runs on its embedded local API in a
-PREFECT_HOME of the test's own.
+with one RL setting changed that rebuilds only the RL stage. Each run starts its temporary Prefect server in a
+PREFECT_HOME of the test's own; a Ctrl-C stops a run at once.
 """
 
 from __future__ import annotations
