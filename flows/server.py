@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -168,6 +169,18 @@ def _launch(host: str, port: int, env: dict[str, str], log_path: Path, timeout: 
     return proc
 
 
+def _profile_api_url() -> str | None:
+    """PREFECT_API_URL of the active Prefect profile (`prefect config set PREFECT_API_URL=...`, Prefect Cloud's
+    login), read from profiles.toml without importing Prefect."""
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or prefect_home() / "profiles.toml")
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
+    return profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
+
+
 @contextlib.contextmanager
 def temporary(timeout: float = 120.0) -> Iterator[None]:
     """A server for one command (`run`, `refresh`) when none is set: started, pointed at, stopped at the end.
@@ -178,7 +191,7 @@ def temporary(timeout: float = 120.0) -> Iterator[None]:
     (exit 130). Same database as Prefect's ($PREFECT_HOME), no UI; `crawl2chat server start` gives one that
     stays. Called before Prefect is imported, like use_server_from_state.
     """
-    if os.environ.get("PREFECT_API_URL"):  # a server of `crawl2chat server start`, or one the user named
+    if os.environ.get("PREFECT_API_URL") or _profile_api_url():  # `server start`'s, or one the user named
         yield
         return
     with socket.socket() as probe:  # a free port: several commands may each run their own

@@ -169,6 +169,23 @@ def test_server_start_on_an_unreachable_database_names_the_fix(tmp_path, monkeyp
     assert not server.ServerState.path().exists()
 
 
+def test_temporary_server_defers_to_a_prefect_profile(tmp_path, monkeypatch):
+    """A user whose Prefect profile names a server (`prefect config set PREFECT_API_URL=...`) keeps using it."""
+    from flows import server
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.setenv("PREFECT_API_URL", "")
+    for name in ("PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "profiles.toml").write_text('active = "work"\n[profiles.work]\n'
+                                            'PREFECT_API_URL = "http://10.0.0.1:4200/api"\n')
+    with server.temporary():
+        assert not os.environ["PREFECT_API_URL"]  # left to the profile: Prefect reads it there
+    assert not (tmp_path / server.TEMPORARY_LOG_NAME).exists()  # nothing was started
+    monkeypatch.setenv("PREFECT_PROFILE", "default")  # a profile without a URL: no server named
+    assert server._profile_api_url() is None
+
+
 def test_a_dead_server_is_forgotten_with_a_warning(tmp_path, monkeypatch):
     from flows import server
 
