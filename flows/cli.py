@@ -364,8 +364,11 @@ def list_(stage: Optional[str] = typer.Argument(None), root: Optional[str] = ROO
     table = Table()
     for col in ("artifact", "ended", "inputs", "aliases"):
         table.add_column(col)
-    if stage and stage not in store.stages():
-        _fail(f"no stage '{stage}' in {store.location} (stages: {', '.join(store.stages()) or 'none yet'})")
+    if stage:
+        try:
+            store.require_stage(stage)
+        except ArtifactError as e:
+            _fail(str(e))
     for s in [stage] if stage else store.stages():
         for v in store.versions(s):
             aliases = ", ".join(a for a in ("latest", "dataset", *presets.IMPORTS) if store.read_alias(s, a) == v)

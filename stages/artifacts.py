@@ -210,6 +210,12 @@ class ArtifactStore:
             for v in self.versions(stage):
                 yield self.manifest(stage, v)
 
+    def require_stage(self, stage: str, what: str = "stage") -> None:
+        """An error that lists the stages there are, unless `stage` is one of them."""
+        if stage not in self.stages():
+            known = ", ".join(self.stages()) or "none yet"
+            raise ArtifactError(f"no {what} '{stage}' in {self.location} (stages: {known})")
+
     def resolve(self, ref: str) -> tuple[str, str]:
         """`stage`, `stage/latest`, `stage/<tag>`, `stage/<version>` or a version prefix -> (stage, version)."""
         stage, slash, name = ref.partition("/")
@@ -221,9 +227,7 @@ class ArtifactStore:
             if len(matches) > 1:
                 raise ArtifactError(f"'{ref}' matches several artifacts: "
                                     f"{', '.join(f'{s}/{v}' for s, v in matches)}; give more characters")
-        if stage not in self.stages():
-            known = ", ".join(self.stages()) or "none yet"
-            raise ArtifactError(f"no stage or version '{stage}' in {self.location} (stages: {known})")
+        self.require_stage(stage, "stage or version")
         alias = self.read_alias(stage, name)
         if alias:
             return stage, alias
