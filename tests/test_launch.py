@@ -11,12 +11,14 @@ import dataclasses
 import math
 import os
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
 from docs_fixture import build_shards
 from stages import pretrain
+from stages.artifacts import Artifact
 from stages.common import StageError, build, config_dict
 from stages.lm import launch, trainer
 from stages.lm.checkpoint import load_model
@@ -151,3 +153,66 @@ def test_ranks_import_the_stage_by_its_module_name():
     script.__file__, script.NAME = "stages/pretrain.py", "pretrain"
     with pytest.raises(StageError, match="python -m stages.pretrain"):
         launch.importable_name(script)
+
+
+def test_stale_build_locks_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    """A lock whose builder was killed goes; one a live builder holds open stays (torch's own FileBaton)."""
+    from torch.utils.file_baton import FileBaton
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "killed_op").mkdir()
+    (tmp_path / "killed_op" / "lock").touch()
+    (tmp_path / "live_op").mkdir()
+    live = FileBaton(str(tmp_path / "live_op" / "lock"))
+    assert live.try_acquire()
+    try:
+        assert trainer.clear_stale_build_locks() == [tmp_path / "killed_op" / "lock"]
+        assert (tmp_path / "live_op" / "lock").exists()
+    finally:
+        live.release()
+
+
+@pytest.mark.timeout(600)  # the hang this guards against is silent and endless
+def test_ranks_start_after_a_killed_build(world, two_ranks, tmp_path, monkeypatch):
+    """A build of DeepSpeed's shared-memory op that was killed mid-way (its lock left behind) hung every later
+    launch forever; it hung CI for 90 minutes. The extension folder here is a copy, so the user's is untouched."""
+    import shutil
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    op = tmp_path / "torch_extensions" / "deepspeed_shm_comm"  # under TORCH_EXTENSIONS_DIR, op folders sit at the top
+    built = sorted(Path(get_default_build_root()).glob("*/deepspeed_shm_comm"))
+    if built:  # a copy of what is built: no ~27 s rebuild
+        shutil.copytree(built[0], op, ignore=shutil.ignore_patterns("lock"))
+    op.mkdir(parents=True, exist_ok=True)
+    (op / "lock").touch()  # what a killed build leaves
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(op.parent))
+    res = build(pretrain, dataclasses.replace(CFG, steps=2, seed=7), [world["shards"], world["tok"]], world["store"])
+    assert res.stats["world_size"] == WORLD and not (op / "lock").exists()
+
+
+def test_an_interrupted_parent_ends_the_ranks(world, tmp_path, monkeypatch):
+    """Ctrl-C or a timeout in the parent must not leave ranks behind: deepspeed's local runner passes no signal
+    on to its launcher, so run_stage ends the whole process tree."""
+    import logging
+    import sys
+
+    import psutil  # deepspeed's dependency
+
+    pid_file = tmp_path / "rank.pid"
+    tree = ("import subprocess, sys, time; "
+            f"r = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(r.pid)); print('ready', flush=True); time.sleep(600)")
+    monkeypatch.setattr(launch, "launcher_command", lambda settings, job: ([sys.executable, "-c", tree], {}))
+
+    def interrupt_on_ready(fmt, *args):
+        if args and args[0] == "ready":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch.log, "info", interrupt_on_ready)
+    monkeypatch.setattr(launch.log, "isEnabledFor", lambda level: level == logging.INFO)
+    out = Artifact("pretrain", "0" * 12, tmp_path / "staging")
+    with pytest.raises(KeyboardInterrupt):
+        launch.run_stage(pretrain, CFG, [], out, launch.Launch(nproc=2))
+    rank = int(pid_file.read_text())
+    assert not psutil.pid_exists(rank) or psutil.Process(rank).status() == psutil.STATUS_ZOMBIE

@@ -192,6 +192,8 @@ def run_stage(stage: types.ModuleType, cfg: Any, inputs: list[Artifact], out: Ar
            "out": {"stage": out.stage, "version": out.version, "path": str(out.path)},
            "stats": str(work / STATS)}
     (work / JOB).write_text(json.dumps(job, indent=2, default=str))
+    from stages.lm.trainer import clear_stale_build_locks  # DeepSpeed's import is not for every stage's build
+    clear_stale_build_locks()  # before any rank starts: a killed build's lock would hang them all, silently
     cmd, extra_env = launcher_command(settings, work / JOB)
     env = {**os.environ, **extra_env}
     if "DS_ACCELERATOR" not in env:  # the runner picks its accelerator at import, before our code runs
@@ -203,11 +205,19 @@ def run_stage(stage: types.ModuleType, cfg: Any, inputs: list[Artifact], out: Ar
     # the crawl2chat logger) show what the launcher and DeepSpeed print, not only the terminal that started it.
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           errors="replace", bufsize=1) as proc:
-        for line in proc.stdout:
-            if log.isEnabledFor(logging.INFO):
-                log.info("%s", line.rstrip())
-            else:  # nobody configured logging (a library call): keep the ranks' output on the terminal
-                sys.stderr.write(line)
+        try:
+            for line in proc.stdout:
+                if log.isEnabledFor(logging.INFO):
+                    log.info("%s", line.rstrip())
+                else:  # nobody configured logging (a library call): keep the ranks' output on the terminal
+                    sys.stderr.write(line)
+        except BaseException:
+            # Interrupted here (Ctrl-C, a timeout, a cancelled flow run): leaving the `with` waits for the
+            # launcher, and its ranks may never end (deepspeed's local runner passes no signal on), so end the
+            # whole tree: SIGTERM, then SIGKILL after 30 s.
+            from deepspeed.launcher.launch import terminate_process_tree
+            terminate_process_tree(proc.pid)
+            raise
     rc = proc.returncode
     if rc != 0 or not (work / STATS).exists():
         raise StageError(f"{out.ref}: the launched ranks failed (exit code {rc}; their output is above). "

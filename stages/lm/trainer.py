@@ -118,6 +118,44 @@ def _init_single_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def clear_stale_build_locks() -> list[Path]:
+    """Remove the lock files that killed builds of torch JIT extensions left behind; returns them.
+
+    DeepSpeed JIT-builds its C++ ops through torch.utils.cpp_extension (on CPU its shared-memory all-reduce,
+    deepspeed_shm_comm, in every deepspeed.initialize; ~27 s each time the venv's path changes). Torch guards a
+    build with a bare lock file (torch/utils/file_baton.py) that only the building process removes: one killed
+    mid-build (SIGKILL, OOM, a CI or session teardown) leaves it, and every later build waits on it forever,
+    printing nothing. That hung a CI run for 90 minutes. A live builder keeps the lock file open until it
+    removes it, so a lock that no process has open is stale. Call this where no rank of ours can be building
+    yet (the launcher's parent before it starts the ranks, or a single in-process rank): two cleaners at once
+    could remove a lock that a third process has just taken.
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+        root = get_default_build_root()  # its <python>_<accelerator>/ subfolders hold the op folders
+    locks = [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]
+    if not locks or not Path("/proc/self/fd").is_dir():  # Linux only: elsewhere nothing is removed
+        return []
+    open_files = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone, or another user's process (its builds use its own cache folder)
+            continue
+        for fd in fds:
+            try:
+                open_files.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+    stale = [lock for lock in locks if os.path.realpath(lock) not in open_files]
+    for lock in stale:
+        log.warning("removing %s: a build of that torch extension was killed and left its lock, on which every "
+                    "later build would wait forever", lock)
+        lock.unlink(missing_ok=True)
+    return stale
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -154,6 +192,8 @@ def make_engine(model: torch.nn.Module, cfg: TrainConfig, params=None, log_dir: 
 
     log_dir: enables DeepSpeed's TensorBoard monitor writing under log_dir/job_name.
     """
+    if os.environ.get("WORLD_SIZE", "1") == "1":  # the only rank: no other one of ours can be building now
+        clear_stale_build_locks()
     _init_single_process_env()
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
