@@ -56,7 +56,7 @@ from datatrove.utils.hashing import HashConfig
 
 from stages.artifacts import Artifact
 from stages.common import StageError, main, runtime
-from stages.extract_executors import make_executor, stage_totals, wait_for_slurm
+from stages.extract_executors import make_executor, reporting_finished_tasks, stage_totals, wait_for_slurm
 from stages.extract_steps import (CountingPIIFormatter, FastC4QualityFilter, FastGopherQualityFilter,  # noqa: F401
                                   FastGopherRepetitionFilter, FastMinhashSignature, FilteredReader,
                                   LocalBadWordsFilter, Meter, MinhashFilter, OfflineLanguageFilter, OfflineURLFilter,
@@ -343,12 +343,13 @@ def run(cfg: Config, *inputs: Artifact, out: Artifact) -> dict:
         depends = executors[-1] if executors and cfg.executor == "slurm" else None
         executors.append(make_executor(cfg, stage, [step for _, step in steps], n or tasks, logs / stage, depends))
     started = time.monotonic()
-    for executor in executors if cfg.executor != "slurm" else executors[-1:]:  # Slurm: the last launches the rest
-        executor.run()
-        if cfg.executor == "ray" and executor.get_incomplete_ranks():
-            break  # the completion check below names the unfinished stage
-    if cfg.executor == "slurm":
-        wait_for_slurm(executors[-1], logs)
+    with reporting_finished_tasks(logs, {stage: n or tasks for stage, (_, n) in stages.items()}):
+        for executor in executors if cfg.executor != "slurm" else executors[-1:]:  # Slurm: the last launches the rest
+            executor.run()
+            if cfg.executor == "ray" and executor.get_incomplete_ranks():
+                break  # the completion check below names the unfinished stage
+        if cfg.executor == "slurm":
+            wait_for_slurm(executors[-1], logs)
     if earlier_index:
         shutil.rmtree(earlier_index)  # links into other artifacts: not part of this one
     log.info("extract: pipelines finished in %.0f s", time.monotonic() - started)

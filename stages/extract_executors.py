@@ -3,11 +3,13 @@ Ray), waiting for Slurm, and datatrove's per-task stats summed for the funnel.""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import queue
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from copy import deepcopy
@@ -18,7 +20,9 @@ from datatrove.executor import LocalPipelineExecutor
 from datatrove.utils.logging import logger
 from datatrove.utils.stats import PipelineStats
 
-from stages.common import StageError
+from stages.common import StageError, progress
+
+PROGRESS_EVERY_S = 2.0  # how often finished tasks are counted (a glob per pipeline)
 
 # datatrove adds three loguru handlers per task (stderr and the task's log file, then stderr again when the task
 # ends), and loguru builds an ExceptionFormatter for each, which asks sysconfig for the standard library's
@@ -113,3 +117,33 @@ def stage_totals(stats_dir: Path) -> list[Counter]:
             for key, value in step["stats"].items():
                 totals[i][key] += int(value["total"] if isinstance(value, dict) else value)
     return totals
+
+
+def finished_tasks(logs: Path, tasks: dict[str, int]) -> int:
+    """Completion markers (logs/<pipeline>/completions/<rank>) over every pipeline: written by each task as it
+    ends, wherever it ran (here, on Slurm nodes, on Ray workers), so one count serves every executor."""
+    return sum(min(n, sum(1 for _ in (logs / name / "completions").glob("*"))) for name, n in tasks.items())
+
+
+@contextlib.contextmanager
+def reporting_finished_tasks(logs: Path, tasks: dict[str, int]):
+    """While the block runs, report progress as finished datatrove tasks of all pipelines ({pipeline: tasks}).
+
+    From a thread: the executors' run() blocks until a pipeline is done, and a pipeline's tasks report nothing
+    on their own until they end. A task is the unit (one WARC file's filtering, one MinHash bucket), so a huge
+    WARC shows as one step; datatrove's own per-task logs are in logs/<pipeline>/logs."""
+    total = sum(tasks.values())
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(PROGRESS_EVERY_S):
+            progress(finished_tasks(logs, tasks), total, "datatrove tasks")
+
+    watcher = threading.Thread(target=watch, name="extract-progress", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        progress(finished_tasks(logs, tasks), total, "datatrove tasks")

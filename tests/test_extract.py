@@ -328,10 +328,22 @@ def test_rerun_skips_finished_tasks(download_artifact, default_run):
     assert {p: p.stat().st_mtime_ns for p in (out / "docs").glob("*.parquet")} == before
 
 
-def test_trafilatura_all_languages_in_process(synthetic_artifact, tmp_path):
+def test_trafilatura_all_languages_in_process(synthetic_artifact, tmp_path, monkeypatch):
     """Trafilatura, every language, one task per WARC: the compost page and its copies are in different tasks, so dedup
-    must work across them. In this process, so the no_internet guard sees every connection datatrove might attempt."""
-    stats, out = run_extract(tmp_path, synthetic_artifact, extractor="trafilatura", languages=(), workers=1)
+    must work across them. In this process, so the no_internet guard sees every connection datatrove might attempt.
+    Progress is reported while the pipelines run, as finished datatrove tasks of all of them."""
+    from stages import extract_executors
+    from stages.common import reporting
+
+    reports = []
+    monkeypatch.setattr(extract_executors, "PROGRESS_EVERY_S", 0.05)
+    with reporting(lambda done, total, unit: reports.append((done, total, unit))):
+        stats, out = run_extract(tmp_path, synthetic_artifact, extractor="trafilatura", languages=(), workers=1)
+    cfg = extract.Config()
+    total = 2 + 1 + 2 + 2 * cfg.minhash_buckets + 1 + 2  # per WARC: filter, minhash_signature, write; + the rest
+    assert {(t, u) for _, t, u in reports} == {(total, "datatrove tasks")}
+    dones = [d for d, _, _ in reports]
+    assert dones == sorted(dones) and dones[-1] == total and len(set(dones)) >= 3, dones
     check_funnel(stats)
     assert stats["funnel"][2]["step"] == "trafilatura"
     check_columns_and_offsets(synthetic_artifact, out)
