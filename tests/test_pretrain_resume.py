@@ -101,6 +101,12 @@ def test_resume_after_sigkill_repeats_the_losses_bit_for_bit(template, tmp_path)
     losses = events.Scalars("Train/loss")
     assert [e.step for e in losses] == list(range(1, 2 * N + 1))
     assert losses[-1].value == pytest.approx(expected[-1]["loss"])
+    # the resumed run's steps N+1, N+2 were logged twice (before the kill and after the resume): shown once
+    events = EventAccumulator(str(crash_root / "pretrain" / version / "tensorboard" / "pretrain"))
+    events.Reload()
+    losses = events.Scalars("Train/loss")
+    assert [e.step for e in losses] == list(range(1, 2 * N + 1))
+    assert [e.value for e in losses] == pytest.approx([m["loss"] for m in expected])
 
 
 # ---- in-process: a tiny engine over the same shards -------------------------------------------------------

@@ -8,7 +8,8 @@ GPUs or nodes come from the `deepspeed` launcher, which sets RANK/WORLD_SIZE/MAS
 Resume is exact: a checkpoint holds the engine (weights, optimizer moments, ZeRO partitions), the loader's
 position and the torch RNG, so the steps after a resume repeat an uninterrupted run's losses bit for bit. Every
 step's metrics are appended to `metrics.jsonl` next to the checkpoints (the loss curve; a resume cuts it back
-to the checkpoint's step) and, when a log directory is given, to TensorBoard through DeepSpeed's monitor.
+to the checkpoint's step) and, when a log directory is given, to TensorBoard through DeepSpeed's monitor (a
+resume purges the crashed attempt's events past the checkpoint there, as SummaryWriter(purge_step=) does).
 """
 
 from __future__ import annotations
@@ -327,6 +328,18 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)  # atomic: a crash here leaves the old or the new file, never half of one
 
 
+def _purge_tensorboard_after(engine, step: int) -> None:
+    """A crashed attempt logged steps past its checkpoint to TensorBoard too; the resumed run logs them again.
+    TensorBoard drops earlier events of steps >= S when it reads a SessionLog START at step S, which is what
+    SummaryWriter(purge_step=S) writes first. DeepSpeed's monitor makes its own writer, so the same event goes
+    into that writer's file here, before the resumed run's first step is logged."""
+    writer = getattr(getattr(engine.monitor, "tb_monitor", None), "summary_writer", None)
+    if writer is None:
+        return
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+    writer.file_writer.add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
+
+
 # Test hook: SIGKILL this process right after the optimizer step whose number the variable holds (metrics and
 # any checkpoint of that step written). A hard kill, like a preempted node: no exception, no clean-up, no flush.
 KILL_ENV = "CRAWL2CHAT_SIGKILL_AFTER_STEP"
@@ -349,6 +362,8 @@ def fit(engine, cfg: TrainConfig, total: int, loader, loss_fn, ckpt_dir: Path, t
         set_rng_state(state["rng"])
     metrics_path = ckpt_dir.parent / "metrics.jsonl"
     history = read_metrics(metrics_path, upto=step)
+    if step and rank == 0:
+        _purge_tensorboard_after(engine, step)
     kill_after = int(os.environ.get(KILL_ENV, -1))
     if rank == 0:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
