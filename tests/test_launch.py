@@ -76,7 +76,9 @@ def first_two_losses(cfg: pretrain.Config, shards, vocab_size: int) -> tuple[flo
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_pretrain_on_two_ranks(world, two_ranks, zero_stage):
     cfg = dataclasses.replace(CFG, zero_stage=zero_stage)
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     res = build(pretrain, cfg, [world["shards"], world["tok"]], world["store"])
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before  # 66 MB a rank, else leaked
     s = res.stats
     assert not res.reused and s["world_size"] == WORLD
     assert s["tokens_trained"] == cfg.steps * cfg.micro_batch_size * cfg.seq_len * WORLD

@@ -168,6 +168,20 @@ def launcher_command(settings: Launch, job: Path) -> tuple[list[str], dict[str, 
     return cmd + [CHILD_MODULE, str(job)], env
 
 
+def remove_shm_buffers(master_port: str) -> list[Path]:
+    """Unlink the shared-memory buffers that DeepSpeed's CPU all-reduce op left for a run; returns them.
+
+    With every rank on one machine, each rank's deepspeed.initialize creates a 66 MB POSIX shared-memory segment,
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (deepspeed/ops/csrc/cpu/comm/
+    shm.cpp), and nothing ever unlinks it (DeepSpeed 0.19). The port is fresh per launch, so every CPU launch
+    leaked world x 66 MB of RAM: a day of test runs filled 19 GB of /dev/shm, and the swapless machine stalled.
+    Called once the ranks are gone; a GPU launch creates none."""
+    buffers = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{master_port}_*"))
+    for buffer in buffers:
+        buffer.unlink(missing_ok=True)
+    return buffers
+
+
 def launch_dir(out: Artifact) -> Path:
     """Next to the staging directory, never inside it (everything there becomes part of the artifact)."""
     return out.path.with_name(out.path.name + ".launch")
@@ -218,6 +232,10 @@ def run_stage(stage: types.ModuleType, cfg: Any, inputs: list[Artifact], out: Ar
             from deepspeed.launcher.launch import terminate_process_tree
             terminate_process_tree(proc.pid)
             raise
+        finally:
+            port = extra_env.get("MASTER_PORT") or ("--master_port" in cmd and cmd[cmd.index("--master_port") + 1])
+            if port:
+                remove_shm_buffers(port)
     rc = proc.returncode
     if rc != 0 or not (work / STATS).exists():
         raise StageError(f"{out.ref}: the launched ranks failed (exit code {rc}; their output is above). "
