@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     dev = trainer.device()
     torch.cuda.set_device(dev)
-    cfg = trainer.TrainConfig(steps=args.warmup + args.steps, micro_batch_size=args.batch, precision="bf16")
+    cfg = trainer.TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch, micro_batch_size=args.batch,
+                              grad_accum=1, precision="bf16")
     mcfg = GPTConfig.from_depth(args.depth, args.vocab, args.seq_len)
     torch.manual_seed(0)
     with torch.device(dev):  # initialise on the GPU: seconds instead of a minute of CPU init for 560M params

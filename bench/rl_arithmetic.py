@@ -137,7 +137,7 @@ def one_seed(args, tmp: Path, store: ArtifactStore, tok: Artifact, seed: int) ->
                             for p, reply in zip(train, replies)))
     conversations = build(import_data, import_data.Config(kind="conversations", source=str(data)), [], store)
     base = random_base(tmp, tok, args.depth, seed)
-    chat = build(sft, sft.Config(val_fraction=0.02, steps=args.sft_steps, micro_batch_size=32, lr=3e-3,
+    chat = build(sft, sft.Config(val_fraction=0.02, steps=args.sft_steps, batch_size=32, lr=3e-3,
                                  warmup_steps=20, checkpoint_every=1000, precision="fp32", seed=seed),
                  [base, conversations.artifact], store)
     t_sft = time.perf_counter() - t0

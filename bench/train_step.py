@@ -62,8 +62,8 @@ def main(argv=None) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-    cfg = trainer.TrainConfig(steps=10**6, micro_batch_size=args.batch, lr=3e-4, warmup_steps=50,
-                              precision="fp32", seed=args.seed)
+    cfg = trainer.TrainConfig(steps=10**6, batch_size=args.batch, micro_batch_size=args.batch, grad_accum=1,
+                              lr=3e-4, warmup_steps=50, precision="fp32", seed=args.seed)
     total = 10**6  # schedule length: the lr stays in warm-up, both sides get the same lr each step
     mcfg = GPTConfig.from_depth(args.depth, args.vocab, args.seq_len, args.aspect_ratio, args.head_dim)
     torch.manual_seed(args.seed)

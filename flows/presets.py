@@ -84,10 +84,10 @@ def tiny() -> PipelineConfig:
         extract=dict(workers=1),  # 5 small files: one process beats paying start-up for a second
         train_tokenizer=dict(vocab_size=2048, heldout_chars=50_000),
         tokenize_shards=dict(val_fraction=0.1),
-        pretrain=dict(depth=2, head_dim=32, seq_len=256, steps=300, micro_batch_size=16, lr=3e-3,
-                      warmup_steps=20, eval_batches=20, checkpoint_every=100),
-        sft=dict(steps=150, lr=1e-3, micro_batch_size=8, checkpoint_every=100),
-        reward_model=dict(steps=150, lr=3e-4, micro_batch_size=8, checkpoint_every=100),
+        pretrain=dict(depth=2, head_dim=32, seq_len=256, steps=300, batch_size=16, lr=3e-3,
+                      warmup_steps=20, eval_sequences=320, checkpoint_every=100),
+        sft=dict(steps=150, lr=1e-3, batch_size=8, checkpoint_every=100),
+        reward_model=dict(steps=150, lr=3e-4, batch_size=8, checkpoint_every=100),
         rl=dict(steps=20, lr=1e-4, group_size=8, prompts_per_step=4, max_new_tokens=32, checkpoint_every=10),
         evaluate=dict(hellaswag_items=200, gsm8k_items=20, gsm8k_max_new_tokens=64),
     )
@@ -99,7 +99,7 @@ def small() -> PipelineConfig:
         base(),
         download=dict(num_files=8),
         train_tokenizer=dict(vocab_size=32768),
-        pretrain=dict(depth=12, seq_len=1024, micro_batch_size=32, grad_accum=4),
+        pretrain=dict(depth=12, seq_len=1024, batch_size=128),  # 131,072 tokens a step
     )
     return replace(cfg, preset="small")
 
@@ -109,7 +109,7 @@ def d20() -> PipelineConfig:
         base(),
         download=dict(num_files=240),
         train_tokenizer=dict(vocab_size=65536),
-        pretrain=dict(depth=20, seq_len=2048, micro_batch_size=32, grad_accum=1),
+        pretrain=dict(depth=20, seq_len=2048, batch_size=256),  # 524,288 tokens a step, nanochat's
         sft=dict(steps=2000), reward_model=dict(steps=2000), rl=dict(steps=500),
     )
     return replace(cfg, preset="d20")

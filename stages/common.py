@@ -99,6 +99,8 @@ def recipe_dict(cfg: Any) -> dict:
 
 def build(stage: types.ModuleType, cfg: Any, inputs: list[Artifact], store: ArtifactStore) -> BuildResult:
     """Plan -> reuse if committed -> run in staging -> commit. Re-running a crashed build resumes in staging."""
+    if hasattr(cfg, "resolved"):  # hardware-dependent choices ("auto" precision) enter the version as made
+        cfg = cfg.resolved()
     version = plan_version(stage.NAME, stage.CODE_VERSION, recipe_dict(cfg), inputs)
     if store.is_committed(stage.NAME, version):
         art = store.get(stage.NAME, version)

@@ -36,7 +36,7 @@ from stages.lm.engine import generate
 from stages.lm.gpt import GPT, GPTConfig
 
 NAME = "pretrain"
-CODE_VERSION = 2  # 2: metrics.jsonl + tensorboard/ in the artifact, lr schedules, exact resume
+CODE_VERSION = 3  # 2: metrics.jsonl + tensorboard/ in the artifact, lr schedules, exact resume. 3: global batch
 
 log = logging.getLogger("crawl2chat")
 
@@ -64,8 +64,8 @@ class Config(trainer.TrainConfig):
     steps: int = 0                # 0: tokens_per_param * parameters / tokens per step
     tokens_per_param: float = 20  # Chinchilla-optimal budget (Hoffmann et al. 2022)
     lr: float = 0.0               # 0: 3e-4 scaled by (768 / width) ** 0.5, as muP-style width scaling
-    micro_batch_size: int = 32
-    eval_batches: int = 50        # val batches of micro_batch_size sequences for the final val loss
+    batch_size: int = 256         # sequences per optimizer step, all ranks: 524,288 tokens at seq_len 2048 (nanochat d20)
+    eval_sequences: int = 1600    # val windows (seq_len tokens each) for the final val loss
     sample_prompts: tuple[str, ...] = ("The capital of France is", "Once upon a time", "In this article we")
     sample_tokens: int = 32
     compile: bool = False         # torch.compile the model for training (CUDA only, see run())
@@ -74,6 +74,8 @@ class Config(trainer.TrainConfig):
         super().__post_init__()
         if self.depth < 1 or self.seq_len < 8:
             raise ValueError("depth must be at least 1 and seq_len at least 8")
+        if self.eval_sequences < 1:
+            raise ValueError("eval_sequences must be at least 1")
 
     def peak_lr(self) -> float:
         return self.lr or 3e-4 * (768 / (self.depth * self.aspect_ratio)) ** 0.5
@@ -95,16 +97,18 @@ def token_bytes(tok: ChatTokenizer) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_lm(model: GPT, index_path, seq_len: int, batch_size: int, max_batches: int,
+def evaluate_lm(model: GPT, index_path, seq_len: int, batch_size: int, max_windows: int,
                 tbytes: torch.Tensor) -> dict:
     """Val loss (nats/token), bits per byte, and the unigram entropy of the same target tokens: the loss of
-    the best model that ignores context, so val_loss below it means the model learned more than frequencies."""
+    the best model that ignores context, so val_loss below it means the model learned more than frequencies.
+    The first max_windows val windows, batch_size at a time (a speed choice: the result does not depend on it)."""
     model.eval()
     dev = next(model.parameters()).device
-    nats, tokens, nbytes = 0.0, 0, 0.0
+    nats, tokens, nbytes, windows = 0.0, 0, 0.0, 0
     counts = torch.zeros(model.cfg.vocab_size, dtype=torch.float64)
-    for x, y in eval_batches(index_path, seq_len, batch_size, max_batches=max_batches):
-        x, y = x.to(dev), y.to(dev)
+    for x, y in eval_batches(index_path, seq_len, batch_size, max_batches=math.ceil(max_windows / batch_size)):
+        x, y = x[:max_windows - windows].to(dev), y[:max_windows - windows].to(dev)  # (B, T) each
+        windows += len(x)
         loss = model(x, y, reduction="none").double()
         nats += loss.sum().item()
         tokens += y.numel()
@@ -125,10 +129,12 @@ def run(cfg: Config, shards: Artifact, tokenizer: Artifact, *, out: Artifact) ->
     model_cfg = GPTConfig.from_depth(cfg.depth, index.vocab_size, cfg.seq_len, cfg.aspect_ratio, cfg.head_dim,
                                      cfg.kv_ratio)
     model = GPT(model_cfg)
-    tcfg = dataclasses.replace(cfg, lr=cfg.peak_lr())
+    # counted now: under ZeRO-3, DeepSpeed's initialize leaves each rank only its shard of every parameter
+    params, flops_per_token = model.num_params(), model.flops_per_token()
+    tcfg = trainer.plan_batch(dataclasses.replace(cfg, lr=cfg.peak_lr()), model)
     rank, world = trainer.rank_world()
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.seq_len * world
-    total = cfg.steps or max(1, int(cfg.tokens_per_param * model.num_params() / tokens_per_step))
+    tokens_per_step = cfg.batch_size * cfg.seq_len  # all ranks together
+    total = cfg.steps or max(1, int(cfg.tokens_per_param * params / tokens_per_step))
     engine = trainer.make_engine(model, tcfg, log_dir=out.path / "tensorboard", job_name=NAME)
     if cfg.compile and torch.cuda.is_available():
         engine.compile()  # compiles engine.module in place (nn.Module.compile), so DeepSpeed's hooks still run
@@ -136,8 +142,8 @@ def run(cfg: Config, shards: Artifact, tokenizer: Artifact, *, out: Artifact) ->
         # Inductor on CPU needs a C++ toolchain and spends tens of seconds compiling, more than a whole CPU
         # smoke run takes; the CPU path exists to test the pipeline, not to be fast.
         log.info("compile=true ignored: torch.compile is applied on CUDA only, this run is on CPU")
-    loader = TokenLoader(shards.path, "train", cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed,
-                         rank=rank, world_size=world, device=engine.device)
+    loader = TokenLoader(shards.path, "train", cfg.seq_len, tcfg.micro_batch_size, seed=cfg.seed,
+                         rank=rank, world_size=world, device=engine.device, grad_accum=tcfg.grad_accum)
 
     def loss_fn(eng, batch):
         x, y = batch
@@ -146,13 +152,13 @@ def run(cfg: Config, shards: Artifact, tokenizer: Artifact, *, out: Artifact) ->
     t0 = time.perf_counter()
     peak = peak_flops()
     history = trainer.fit(engine, tcfg, total, loader, loss_fn, out.path / "checkpoints", tokens_per_step,
-                          flops_per_token=model.flops_per_token(), peak_flops=peak * world if peak else None)
+                          flops_per_token=flops_per_token, peak_flops=peak * world if peak else None)
     elapsed = time.perf_counter() - t0
     model = engine.module
     # evaluation and sampling run eager: their shapes (eval batches, one token at a time with a KV cache)
     # would each cost a recompile of the compiled training forward
     with torch.compiler.set_stance("force_eager"):
-        ev = evaluate_lm(model, shards.path, cfg.seq_len, cfg.micro_batch_size, cfg.eval_batches,
+        ev = evaluate_lm(model, shards.path, cfg.seq_len, tcfg.micro_batch_size, cfg.eval_sequences,
                          token_bytes(tok))
         samples = {}
         model.eval()
@@ -162,15 +168,18 @@ def run(cfg: Config, shards: Artifact, tokenizer: Artifact, *, out: Artifact) ->
             samples[prompt] = tok.decode(ids)
     mean_tps = float(np.mean([h["tokens_per_s"] for h in history[-20:]])) if history else 0.0
     stats = {
-        "params": model.num_params(),
+        "params": params,
+        "flops_per_token": flops_per_token,
         "model": model_cfg.to_dict(),
         "steps": total,
+        "batch": {"sequences": cfg.batch_size, "world_size": world, "micro_batch_size": tcfg.micro_batch_size,
+                  "grad_accum": tcfg.grad_accum},
         "tokens_trained": total * tokens_per_step,
         "train_loss": history[-1]["loss"] if history else None,
         **ev,
         "learned_beyond_unigram": ev["val_loss"] < ev["unigram_entropy"],
         "tokens_per_s": mean_tps,
-        "mfu": mean_tps * model.flops_per_token() / (peak * world) if peak else None,
+        "mfu": mean_tps * flops_per_token / (peak * world) if peak else None,
         "train_seconds": elapsed,
         "curve": trainer.thin(history),
         "samples": samples,

@@ -58,7 +58,7 @@ from stages.lm.examples import ExampleLoader, pad_batch, split_heldout
 from stages.lm.gpt import RewardModel
 
 NAME = "reward_model"
-CODE_VERSION = 2  # 2: pairs from an import_data artifact
+CODE_VERSION = 3  # 2: pairs from an import_data artifact. 3: global batch_size
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Config(trainer.TrainConfig):
     train_trunk: bool = True      # False: only the head trains, a linear probe of the frozen chat model
     val_fraction: float = 0.25    # 749 held-out pairs of the bundled 3000 (+-0.036 at 95%); 200 of the 800 (+-0.07)
     steps: int = 300
-    micro_batch_size: int = 8     # pairs per micro-batch (2x sequences)
+    batch_size: int = 8           # pairs per optimizer step, all ranks (2x sequences)
     lr: float = 5e-5              # the head alone (zero-initialised) needs far more, about 1e-2
     warmup_steps: int = 20
 
@@ -132,10 +132,12 @@ def run(cfg: Config, chat: Artifact, preferences: Artifact, *, out: Artifact) ->
     rm = RewardModel(gpt)
     if not cfg.train_trunk:  # a linear probe: no gradients through the trunk, so a step costs a forward pass
         rm.gpt.requires_grad_(False)
+    cfg = trainer.plan_batch(cfg, rm, seqs_per_example=2)  # a pair is two sequences
     engine = trainer.make_engine(rm, cfg)
     # Several ranks (stages/lm/launch.py): each trains on its own pairs of every step; rank 0 writes the outputs.
     rank, world = trainer.rank_world()
-    loader = ExampleLoader(train, cfg.micro_batch_size, cfg.seed, lambda b: collate(b, tok.pad), rank, world)
+    loader = ExampleLoader(train, cfg.micro_batch_size, cfg.seed, lambda b: collate(b, tok.pad), rank, world,
+                           cfg.grad_accum)
 
     def loss_fn(eng, batch):
         x, lengths = batch

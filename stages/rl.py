@@ -20,16 +20,17 @@ rollout (prompt, completion, reward, KL, step, rank) is written to rollouts/step
 run can be audited and re-scored. GRPO takes one gradient step per rollout batch; PPO takes ppo_epochs x
 ppo_minibatches.
 
-Several ranks (stages/lm/launch.py): as in sft, batch sizes are per rank. Each rank samples its own
-prompts_per_step prompts of every rollout batch (a seeded draw of prompts_per_step x world distinct prompts,
-cut into one slice per rank) with all of each prompt's group_size completions, so a GRPO group never spans
-ranks, and DeepSpeed averages the ranks' gradients. DPO splits its pairs by rank (ExampleLoader). Every rank
+Several ranks (stages/lm/launch.py): as in sft, batch sizes count all ranks together, so the ranks only change
+speed. Each rank samples its own prompts_per_step / world prompts of every rollout batch (a seeded draw of
+prompts_per_step distinct prompts, cut into one slice per rank) with all of each prompt's group_size completions,
+so a GRPO group never spans ranks, and DeepSpeed averages the ranks' gradients. DPO splits its pairs by rank (ExampleLoader). Every rank
 evaluates the same held-out prompts greedily (identical weights, identical results); rank 0 writes the model
 and reads every rank's rollout files for the stats.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ from stages.lm.examples import ExampleLoader, pad_batch
 from stages.lm.rl_data import RewardModelReward, VerifierReward, dpo_eval, dpo_pairs, pair_logps
 
 NAME = "rl"
-CODE_VERSION = 3  # 2: inputs from import_data; methods ppo and dpo. 3: rank-aware, rollouts/step_*_rank_*.arrow
+CODE_VERSION = 4  # 2: inputs from import_data; methods ppo and dpo. 3: rank-aware, rollouts/step_*_rank_*.arrow.
+                  # 4: prompts_per_step and batch_size count all ranks
 METHODS = ("grpo", "ppo", "dpo")
 
 
@@ -66,7 +68,7 @@ class Config(trainer.TrainConfig):
     format_reward: float = 0.0    # verifier: bonus for ending with "#### <number>" (0: only the answer counts)
     val_prompts: int = 32         # held-out prompts (problems; pairs for dpo) measured before and after
     steps: int = 50               # grpo/ppo: rollout batches; dpo: optimizer steps
-    prompts_per_step: int = 4     # per rank: each rank samples its own prompts (see the module docstring)
+    prompts_per_step: int = 4     # per rollout batch, all ranks: each samples prompts_per_step / world of them
     group_size: int = 8           # completions per prompt (GRPO's group; PPO samples the same way)
     max_new_tokens: int = 48
     temperature: float = 1.0
@@ -76,7 +78,7 @@ class Config(trainer.TrainConfig):
     kl_bound: float = 1.0         # nats/token: the run reports whether the final KL stayed under it
     lr: float = 2e-5
     warmup_steps: int = 5         # optimizer steps (ppo takes ppo_epochs x ppo_minibatches of them per batch)
-    micro_batch_size: int = 8     # dpo: pairs per step (grpo/ppo batch by prompts_per_step x group_size)
+    batch_size: int = 8           # dpo: pairs per optimizer step, all ranks (grpo/ppo: prompts_per_step x group_size)
     ppo_epochs: int = 2           # passes over each rollout batch
     ppo_minibatches: int = 2      # minibatches per pass (one optimizer step each)
     clip: float = 0.2             # ppo: the ratio is clipped to [1 - clip, 1 + clip]
@@ -103,8 +105,6 @@ class Config(trainer.TrainConfig):
                              "group_size (each minibatch needs a sample)")
         if self.beta <= 0 or self.clip <= 0 or self.value_clip <= 0:
             raise ValueError("beta, clip and value_clip must be > 0")
-        if self.grad_accum != 1:
-            raise ValueError("rl takes one optimizer step per (mini)batch: keep grad_accum=1")
 
 
 def sort_inputs(cfg: Config, inputs: tuple[Artifact, ...]) -> dict[str, Artifact]:
@@ -166,10 +166,16 @@ class Rollouts:
         self.rank, self.world = rank, world
         self.step, self.pending, self.monitor = 0, [], []
         self.updates = cfg.ppo_epochs * cfg.ppo_minibatches if cfg.method == "ppo" else 1
-        if len(source.train) < cfg.prompts_per_step * world:
-            raise StageError(f"{len(source.train)} training prompts for prompts_per_step={cfg.prompts_per_step} on "
-                             f"{world} ranks: each rank samples its own prompts, so lower rl.prompts_per_step, "
-                             f"use fewer ranks or give more prompts")
+        if cfg.prompts_per_step % world:
+            raise StageError(f"prompts_per_step={cfg.prompts_per_step} does not split over {world} ranks: set "
+                             f"rl.prompts_per_step to a multiple of {world}, or run on a number of ranks that divides it")
+        if len(source.train) < cfg.prompts_per_step:
+            raise StageError(f"{len(source.train)} training prompts for prompts_per_step={cfg.prompts_per_step}: "
+                             f"lower rl.prompts_per_step or give more prompts")
+        if cfg.ppo_minibatches > cfg.prompts_per_step // world * cfg.group_size:
+            raise StageError(f"ppo_minibatches={cfg.ppo_minibatches} but each of {world} ranks samples only "
+                             f"{cfg.prompts_per_step // world * cfg.group_size} completions per batch: lower "
+                             f"rl.ppo_minibatches")
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def __iter__(self):
@@ -187,13 +193,13 @@ class Rollouts:
     @torch.no_grad()
     def collect(self) -> dict:
         cfg, tok, policy, dev = self.cfg, self.tok, self.policy(), self.engine.device
-        P = cfg.prompts_per_step
+        P = cfg.prompts_per_step // self.world
         # Distinct prompts per rank, the DeepSpeed-Chat way (a DistributedSampler over the prompts, a per-device
-        # generation batch): one seeded draw of P x world distinct prompts per rollout batch, rank r takes the
-        # r-th slice of P, so no prompt is rolled out twice in a batch and each group stays on one rank
+        # generation batch): one seeded draw of prompts_per_step distinct prompts per rollout batch, rank r takes
+        # the r-th slice of P, so no prompt is rolled out twice in a batch and each group stays on one rank
         # (open-instruct also keeps a prompt's samples together). The sampling seed is distinct per (step, rank):
         # step x world + rank numbers every rank's batches in order (with one rank, the seed is as before).
-        pick = np.random.default_rng([cfg.seed, self.step]).choice(len(self.source.train), P * self.world,
+        pick = np.random.default_rng([cfg.seed, self.step]).choice(len(self.source.train), cfg.prompts_per_step,
                                                                   replace=False)[self.rank * P:(self.rank + 1) * P]
         gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + self.step * self.world + self.rank)
         seqs, masks, rewards, rows = [], [], [], []
@@ -224,7 +230,7 @@ class Rollouts:
         table = pa.Table.from_pylist(rows)  # the audit trail: one Arrow file per rollout batch and rank
         with ipc.new_file(str(self.out_dir / f"step_{self.step:06d}_rank_{self.rank:03d}.arrow"), table.schema) as w:
             w.write_table(table)
-        r = torch.tensor(rewards, device=dev)  # (prompts_per_step, group_size)
+        r = torch.tensor(rewards, device=dev)  # (prompts_per_step / world, group_size)
         if cfg.method == "grpo":
             return {"x": x, "mask": m, "adv": po.group_advantages(r, cfg.scale_rewards), "ref_lp": ref_lp}
         scores = po.ppo_rewards(r.flatten(), old_lp, ref_lp, m, cfg.kl_coef)
@@ -297,6 +303,9 @@ def run_online(cfg: Config, policy, ref, tok: ChatTokenizer, source, out: Artifa
     before = source.evaluate(policy)  # every rank: greedy, so each computes the same numbers
     torch.manual_seed(cfg.seed)
     model = po.PolicyWithValue(policy) if cfg.method == "ppo" else policy
+    # one optimizer step per (mini)batch of rollouts; DeepSpeed's micro batch is that minibatch's size per rank
+    per_rank = cfg.prompts_per_step // world * cfg.group_size // (cfg.ppo_minibatches if cfg.method == "ppo" else 1)
+    cfg = dataclasses.replace(cfg, micro_batch_size=max(1, per_rank), grad_accum=1)
     engine = trainer.make_engine(model, cfg)
     source.to(engine.device)
     rollout_dir = out.path / "rollouts"
@@ -342,6 +351,7 @@ def run_dpo(cfg: Config, policy, ref, tok: ChatTokenizer, train: list, val: list
     """DPO on preference pairs against the frozen reference: the trained policy and its stats."""
     before = dpo_eval(ref, ref, val, tok.pad, cfg.beta)
     torch.manual_seed(cfg.seed)
+    cfg = trainer.plan_batch(cfg, policy, seqs_per_example=2)  # a pair is two sequences
     engine = trainer.make_engine(policy, cfg)
     ref.to(engine.device)
     # the reference's log-probabilities never change: computed once, (chosen, rejected) per training pair
@@ -360,7 +370,7 @@ def run_dpo(cfg: Config, policy, ref, tok: ChatTokenizer, train: list, val: list
         return po.dpo_loss(lp[:n], lp[n:], ref_lp[:n], ref_lp[n:], cfg.beta)[0]
 
     rank, world = trainer.rank_world()  # several ranks: each trains on its own pairs of every step, as sft
-    loader = ExampleLoader(train, cfg.micro_batch_size, cfg.seed, collate, rank, world)
+    loader = ExampleLoader(train, cfg.micro_batch_size, cfg.seed, collate, rank, world, cfg.grad_accum)
     history = trainer.fit(engine, cfg, cfg.steps, loader, loss_fn, out.path / "checkpoints", log_every=10)
     policy = engine.module
     after = dpo_eval(policy, ref, val, tok.pad, cfg.beta)  # every rank, the same numbers (ZeRO-3 gathers per forward)

@@ -29,7 +29,7 @@ from stages.lm.checkpoint import TOKENIZER, load_model, save_model
 from stages.lm.examples import ExampleLoader, pack, pad_batch, real_fraction, split_heldout
 
 NAME = "sft"
-CODE_VERSION = 2  # 2: conversations from an import_data artifact; packed rows
+CODE_VERSION = 3  # 2: conversations from an import_data artifact; packed rows. 3: global batch_size
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Config(trainer.TrainConfig):
     pack: bool = True             # several conversations per row (False: one per row, padded to the batch's longest)
     val_fraction: float = 0.05    # held-out conversations for the assistant-token loss
     steps: int = 300
-    micro_batch_size: int = 8     # rows per micro-batch (a packed row holds one or more conversations)
+    batch_size: int = 8           # rows per optimizer step, all ranks (a packed row holds one or more conversations)
     lr: float = 1e-4              # lower than pre-training: adapt, don't overwrite
     warmup_steps: int = 20
     max_val: int = 200            # held-out conversations evaluated (bounds eval time)
@@ -76,6 +76,7 @@ def run(cfg: Config, base: Artifact, conversations: Artifact, *, out: Artifact) 
     base_loss = assistant_loss(model, val, tok.pad)
 
     rows = pack(train, row_len) if cfg.pack else train
+    cfg = trainer.plan_batch(cfg, model)
     # compute spent on real tokens (inputs, so each sequence's length - 1), as trained and as padding alone would
     fraction = real_fraction([len(ids) - 1 for ids, _ in rows], cfg.micro_batch_size, cfg.seed)
     fraction_unpacked = real_fraction([len(ids) - 1 for ids, _ in train], cfg.micro_batch_size, cfg.seed)
@@ -83,7 +84,8 @@ def run(cfg: Config, base: Artifact, conversations: Artifact, *, out: Artifact) 
     engine = trainer.make_engine(model, cfg)
     # Several ranks (stages/lm/launch.py): each trains on its own rows of every step; rank 0 writes the outputs.
     rank, world = trainer.rank_world()
-    loader = ExampleLoader(rows, cfg.micro_batch_size, cfg.seed, lambda b: collate(b, tok.pad), rank, world)
+    loader = ExampleLoader(rows, cfg.micro_batch_size, cfg.seed, lambda b: collate(b, tok.pad), rank, world,
+                           cfg.grad_accum)
 
     def loss_fn(eng, batch):
         x, y = batch

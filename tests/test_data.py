@@ -112,6 +112,22 @@ def test_ranks_are_disjoint_and_cover_the_step(shards):
     assert {r.state_dict()["position"] for r in ranks} == {3 * B * W}
 
 
+def test_a_step_reads_the_same_windows_however_the_batch_is_cut(shards):
+    """The global batch (4B windows a step) is the recipe: 1 rank x 4B, 1 x B with 4 accumulated micro batches,
+    2 ranks x B x 2 and 4 ranks x B read the same windows at every step, across epoch ends (an epoch's remainder
+    is dropped at a step boundary, never mid-step)."""
+    def steps(micro, world, accum):
+        loaders = [TokenLoader(shards, "train", T, micro, seed=9, rank=r, world_size=world, grad_accum=accum)
+                   for r in range(world)]
+        n = 2 * loaders[0].n_windows // (4 * B) + 3  # past two epoch ends
+        return [sorted(tuple(row.tolist()) for _ in range(accum) for loader in loaders for row in next(loader)[0])
+                for _ in range(n)]
+
+    whole = steps(4 * B, 1, 1)
+    assert steps(B, 1, 4) == steps(B, 2, 2) == steps(B, 4, 1) == whole
+    assert steps(B, 1, 2) != whole[:len(steps(B, 1, 2))]  # a smaller global batch is another recipe
+
+
 def test_resume_with_another_world_size(shards):
     two = [TokenLoader(shards, "train", T, B, seed=2, rank=r, world_size=2) for r in range(2)]
     for _ in range(5):

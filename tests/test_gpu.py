@@ -41,9 +41,11 @@ def test_bf16_logits_follow_fp32():
 def test_deepspeed_bf16_training_step_learns():
     from stages.lm import trainer
 
-    cfg = trainer.TrainConfig(steps=20, micro_batch_size=4, lr=3e-3, warmup_steps=2, precision="auto")
-    assert trainer.use_bf16(cfg) == torch.cuda.is_bf16_supported()
-    engine = trainer.make_engine(small_model(), cfg)
+    model = small_model()
+    cfg = trainer.plan_batch(trainer.TrainConfig(steps=20, batch_size=4, lr=3e-3, warmup_steps=2, precision="auto"),
+                             model)
+    assert trainer.use_bf16(cfg) == torch.cuda.is_bf16_supported() and cfg.micro_batch_size == 4
+    engine = trainer.make_engine(model, cfg)
     x = torch.randint(0, 1024, (4, 129), device=engine.device)
     losses = [trainer.train_step(engine, [(x[:, :-1], x[:, 1:])], lambda e, b: e(*b), cfg, s, 20)["loss"]
               for s in range(20)]

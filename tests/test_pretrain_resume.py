@@ -5,6 +5,7 @@ uninterrupted run, and one on a fresh store that SIGKILLs itself after a checkpo
 The resumed steps must repeat the uninterrupted run's losses bit for bit, and give the same weights file.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ N = 5  # checkpoint_every; the runs train 2N steps
 # depth 1, width 32, two heads of 16, 64-token context: a few ms a step, so the runs are mostly start-up.
 # compile=true checks that a CPU run notes and ignores it (the flag is part of both runs' recipe).
 SETTINGS = dict(depth=1, aspect_ratio=32, head_dim=16, seq_len=64, steps=2 * N, checkpoint_every=N,
-                micro_batch_size=4, lr=3e-3, warmup_steps=2, eval_batches=2, sample_tokens=2,
+                batch_size=4, lr=3e-3, warmup_steps=2, eval_sequences=8, sample_tokens=2,
                 sample_prompts='["Once"]', precision="fp32", compile="true")
 
 
@@ -119,8 +120,8 @@ def tiny_fit(shards: Path, ckpt_dir: Path, total: int, zero_stage: int = 0) -> l
     """A fresh seeded model and engine trained to `total` steps (resuming from ckpt_dir if it has a checkpoint)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_depth(1, 640, 32, 32, 16, 1))
-    cfg = trainer.TrainConfig(micro_batch_size=2, lr=1e-3, warmup_steps=1, checkpoint_every=1, zero_stage=zero_stage,
-                              precision="fp32")
+    cfg = trainer.plan_batch(trainer.TrainConfig(batch_size=2, lr=1e-3, warmup_steps=1, checkpoint_every=1,
+                                                 zero_stage=zero_stage, precision="fp32"))
     engine = trainer.make_engine(model, cfg)
     loader = TokenLoader(shards, "train", 32, 2, seed=0, device=engine.device)
     return trainer.fit(engine, cfg, total, loader, lambda eng, b: eng(*b), ckpt_dir)
@@ -192,7 +193,12 @@ def test_deepspeed_config_is_generated(tmp_path):
         assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2
         assert cfg["bf16"] == {"enabled": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
         assert "tensorboard" not in cfg  # no log directory given
-    cfg = trainer.ds_config(pretrain.Config(), tmp_path / "tb", job_name="pretrain")
+    planned = trainer.plan_batch(pretrain.Config(batch_size=8))
+    cfg = trainer.ds_config(planned, tmp_path / "tb", job_name="pretrain")
     assert cfg["tensorboard"] == {"enabled": True, "output_path": str(tmp_path / "tb"), "job_name": "pretrain"}
-    assert "tensorboard" not in trainer.ds_config(pretrain.Config(tensorboard=False), tmp_path / "tb")
-    assert trainer.ds_config(pretrain.Config(precision="bf16"))["bf16"] == {"enabled": True}
+    no_tb = dataclasses.replace(planned, tensorboard=False)
+    assert "tensorboard" not in trainer.ds_config(no_tb, tmp_path / "tb")
+    bf16 = dataclasses.replace(planned, precision="bf16")
+    assert trainer.ds_config(bf16)["bf16"] == {"enabled": True}
+    with pytest.raises(ValueError, match="plan_batch"):  # the batch must be cut for this world first
+        trainer.ds_config(pretrain.Config())

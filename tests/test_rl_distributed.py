@@ -17,9 +17,9 @@ from stages.lm.checkpoint import load_model
 from test_rl_verifiable import chat  # noqa: F401  (the fixture: a random-init depth-1 chat model)
 
 WORLD = 2
-# 3 rollout batches of 2 prompts x 3 completions per rank; tiny replies: the run is mostly process start-up
+# 3 rollout batches of 4 prompts (2 a rank) x 3 completions; tiny replies: the run is mostly process start-up
 CFG = rl.Config(reward="verifier", arithmetic_max=20, arithmetic_train=30, val_prompts=4, format_reward=0.5,
-                steps=3, prompts_per_step=2, group_size=3, max_new_tokens=8, lr=1e-4, warmup_steps=1,
+                steps=3, prompts_per_step=4, group_size=3, max_new_tokens=8, lr=1e-4, warmup_steps=1,
                 precision="fp32", zero_stage=1)
 
 
@@ -36,8 +36,7 @@ def test_grpo_on_two_ranks_keeps_every_rollout(chat, two_ranks, tmp_path):  # no
     res = build(rl, CFG, [chat], store)
     s = res.stats
     assert not res.reused and s["world_size"] == WORLD and s["method"] == "grpo"
-    per_rank = CFG.prompts_per_step * CFG.group_size
-    assert s["rollouts"] == CFG.steps * per_rank * WORLD
+    assert s["rollouts"] == CFG.steps * CFG.prompts_per_step * CFG.group_size  # the batch counts all ranks
 
     files = sorted((res.artifact.path / "rollouts").glob("*.arrow"))
     assert [f.name for f in files] == [f"step_{step:06d}_rank_{rank:03d}.arrow"
@@ -47,8 +46,8 @@ def test_grpo_on_two_ranks_keeps_every_rollout(chat, two_ranks, tmp_path):  # no
     for step in range(CFG.steps):
         mine = [r for r in rows if r["step"] == step]
         prompts = {rank: {r["prompt"] for r in mine if r["rank"] == rank} for rank in range(WORLD)}
-        # each rank rolled out its own prompts_per_step prompts, all group_size samples of each on that rank
-        assert all(len(p) == CFG.prompts_per_step for p in prompts.values()), prompts
+        # each rank rolled out its own prompts_per_step / WORLD prompts, all group_size samples of each on that rank
+        assert all(len(p) == CFG.prompts_per_step // WORLD for p in prompts.values()), prompts
         assert not prompts[0] & prompts[1]
         assert all(sum(r["prompt"] == p for r in mine) == CFG.group_size for p in prompts[0] | prompts[1])
         # the stats average over both ranks' rollouts, not rank 0's alone

@@ -26,6 +26,11 @@ from stages.lm.examples import pad_batch
 from stages.lm.gpt import GPT, GPTConfig, RewardModel
 from stages.sft import collate
 
+# A KL divergence is >= 0, but computed from float32 log-probabilities (each rounded to ~6e-8 relative) the KL of
+# a policy to itself, or the k3 estimate exp(d) - d - 1 at d ~ 0, comes out within ~1e-7 of 0 on either side
+# (-2.6e-8 seen on a loaded CI machine). Compare with that tolerance, not with 0.
+KL_ROUNDING = 1e-6
+
 SFT_DIGITS = [0.2] + [0.05] * 6 + [0.4] + [0.05] * 2  # probabilities of the replies "0".."9"
 FAST = dict(precision="fp32", checkpoint_every=1000, max_new_tokens=4, val_prompts=16, warmup_steps=2)
 
@@ -113,7 +118,7 @@ def test_ppo_raises_verifier_reward(world, tmp_path):
     assert np.mean(acc[-3:]) >= 0.85 and np.mean(acc[-3:]) > np.mean(acc[:2]) + 0.2, acc
     assert 0 < s["ppo_clip_frac"] < 1  # several epochs per batch: the ratio does leave the clip range
     rows = rollout_rows(tmp_path)
-    assert len(rows) == s["rollouts"] and all(r["kl"] >= 0 for r in rows)
+    assert len(rows) == s["rollouts"] and all(r["kl"] >= -KL_ROUNDING for r in rows)
     assert all(r["kl"] == pytest.approx(0, abs=1e-5) for r in rows[:16])  # step 0: policy == reference
     assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "checkpoints").exists()
 
@@ -126,12 +131,12 @@ def test_grpo_rlhf_raises_reward_model_score_within_kl_bound(world, tmp_path):
     s = rl.run(cfg, world["chat"], world["reward"], world["prefs"], out=Artifact("rl", "rlhf", tmp_path))
     assert s["method"] == "grpo" and s["reward"] == "reward_model" and s["val_prompts"] == 16
     assert s["val_reward_after"] > s["val_reward_before"] + 0.5, (s["val_reward_before"], s["val_reward_after"])
-    assert s["kl_within_bound"] and 0 <= s["val_kl_to_reference"] <= cfg.kl_bound
+    assert s["kl_within_bound"] and -KL_ROUNDING <= s["val_kl_to_reference"] <= cfg.kl_bound
     assert len(rollout_rows(tmp_path)) == s["rollouts"] == 12 * 16
 
 
 def test_dpo_learns_held_out_preferences(world, tmp_path):
-    cfg = rl.Config(method="dpo", steps=30, micro_batch_size=8, lr=3e-4, beta=0.1, **FAST)
+    cfg = rl.Config(method="dpo", steps=30, batch_size=8, lr=3e-4, beta=0.1, **FAST)
     s = rl.run(cfg, world["chat"], world["prefs"], out=Artifact("rl", "dpo", tmp_path))
     assert s["method"] == "dpo" and s["val_pairs"] == 16 and s["train_pairs"] == 284
     # the reference prefers "0" about as much as any digit; after DPO, by a wide log-probability margin

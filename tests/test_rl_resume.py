@@ -69,11 +69,13 @@ def test_ppo_resumes_mid_batch_like_an_uninterrupted_run(world, tmp_path, monkey
 
 
 def test_rollout_state_needs_the_same_ranks_and_enough_prompts(tmp_path):
-    """Each rank holds its own part of a rollout batch: a checkpoint of 2 ranks cannot resume on 1, and every
-    rank needs prompts_per_step prompts of its own."""
+    """Each rank holds its own part of a rollout batch: a checkpoint of 2 ranks cannot resume on 1; the batch's
+    prompts_per_step prompts must exist and split evenly over the ranks."""
     source = SimpleNamespace(train=[[1, 2]] * 3)  # 3 training prompts
-    with pytest.raises(StageError, match="3 training prompts for prompts_per_step=2 on 2 ranks"):
-        rl.Rollouts(rl.Config(prompts_per_step=2), None, None, source, None, tmp_path, rank=0, world=2)
+    with pytest.raises(StageError, match="3 training prompts for prompts_per_step=4"):
+        rl.Rollouts(rl.Config(prompts_per_step=4, ppo_minibatches=1), None, None, source, None, tmp_path)
+    with pytest.raises(StageError, match="prompts_per_step=3 does not split over 2 ranks"):
+        rl.Rollouts(rl.Config(prompts_per_step=3), None, None, source, None, tmp_path, rank=0, world=2)
     one = rl.Rollouts(rl.Config(prompts_per_step=2), None, None, source, None, tmp_path, rank=0, world=1)
     two_ranks = {"step": 1, "ranks": [{"pending": [], "monitor": []}] * 2}
     with pytest.raises(StageError, match="written by 2 rank.*resume with the same number of ranks"):

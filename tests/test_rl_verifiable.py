@@ -23,6 +23,11 @@ from stages.lm.checkpoint import save_model
 from stages.lm.gpt import GPT, GPTConfig
 from stages.lm.rl_data import VerifierReward
 
+# A KL divergence is >= 0, but computed from float32 log-probabilities (each rounded to ~6e-8 relative) the KL of
+# a policy to itself, or the k3 estimate exp(d) - d - 1 at d ~ 0, comes out within ~1e-7 of 0 on either side
+# (-2.6e-8 seen on a loaded CI machine). Compare with that tolerance, not with 0.
+KL_ROUNDING = 1e-6
+
 GSM8K = Path(__file__).resolve().parent.parent / "data" / "eval" / "gsm8k-test.shared300.jsonl"
 
 
@@ -117,7 +122,7 @@ def test_rl_with_verifier_runs_end_to_end(chat, tmp_path):
     assert s["train_problems"] == 30 and s["val_problems"] == s["val_prompts"] == 4 and s["too_long"] == 0
     for key in ("val_accuracy_before", "val_accuracy_after", "val_reward_before", "val_reward_after"):
         assert 0.0 <= s[key] <= 1.5
-    assert s["val_kl_to_reference"] >= 0 and isinstance(s["kl_within_bound"], bool)
+    assert s["val_kl_to_reference"] >= -KL_ROUNDING and isinstance(s["kl_within_bound"], bool)
     assert s["rollouts"] == 2 * 2 * 3
     assert len(s["train_reward_by_step"]) == len(s["train_accuracy_by_step"]) == len(s["train_kl_by_step"]) == 2
     json.dumps(s)
@@ -131,7 +136,7 @@ def test_rl_with_verifier_runs_end_to_end(chat, tmp_path):
     questions = {p["question"] for p in train}
     tok = ChatTokenizer(chat.path / "tokenizer.model")
     for r in rows:
-        assert r["reward"] in (0.0, 0.5, 1.0, 1.5) and r["kl"] >= 0
+        assert r["reward"] in (0.0, 0.5, 1.0, 1.5) and r["kl"] >= -KL_ROUNDING
         assert any(q in r["prompt"] for q in questions)  # rollouts are drawn from the training problems
         reply = r["completion"].replace("<|end|>", "")
         formatted = bool(verifiers.ANSWER_LINE.search(reply))

@@ -336,7 +336,7 @@ def test_training_stage_runs_as_its_own_deployment_on_the_gpu_pool(deployed, tmp
     try:
         made = crawl2chat("run", "--deployment", "--no-wait", "--until", "pretrain", "--root", str(root),
                           "--set", "pretrain.steps=2", "--set", "pretrain.warmup_steps=1",
-                          "--set", "pretrain.eval_batches=1", env=env)
+                          "--set", "pretrain.eval_sequences=16", env=env)
         assert made.returncode == 0 and "/runs/flow-run/" in made.stdout, made.stdout + made.stderr
         run_id = made.stdout.split("/runs/flow-run/")[1].split()[0]
         worker = crawl2chat("worker", "cpu", "--run-once", env=env)

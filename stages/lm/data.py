@@ -7,11 +7,13 @@ A split is one token stream (its shards concatenated). Window w covers tokens [w
 its first T tokens, targets its last T, so consecutive windows share one token and every token is a target
 exactly once per epoch. Windows ignore document boundaries; the bos/eos tokens mark them.
 
-Training order: each epoch is a permutation of all windows, seeded by (seed, epoch). Every step consumes the
-next batch_size * world_size windows of that order; rank r takes every world_size-th of them, so ranks never
-share a window. The loader's state is (epoch, position, seed) with position counting windows consumed by all
-ranks together: a loader restored from it yields exactly the batches an uninterrupted one would, and it also
-resumes (at the same place in the data) after the number of ranks changed.
+Training order: each epoch is a permutation of all windows, seeded by (seed, epoch). Every optimizer step
+consumes the next batch_size * world_size * grad_accum windows of that order (the global batch), one micro batch
+of batch_size * world_size windows at a time; rank r takes every world_size-th window of each, so ranks never
+share a window, and a step trains on the same windows however it is cut into ranks and micro batches. An epoch's
+remainder shorter than a global batch is dropped. The loader's state is (epoch, position, seed) with position
+counting windows consumed by all ranks together: a loader restored from it yields exactly the batches an
+uninterrupted one would, and it also resumes (at the same place in the data) after the number of ranks changed.
 
     loader = TokenLoader("artifacts/tokenize_shards/<version>", "train", seq_len=256, batch_size=8, seed=0)
     x, y = next(loader)                  # (B, T) int64 each
@@ -160,7 +162,7 @@ class TokenLoader:
     """Infinite iterator of (x, y) int64 batches of shape (batch_size, seq_len) for one rank."""
 
     def __init__(self, path: str | Path | ShardIndex, split: str, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, device: torch.device | str | None = None):
+                 rank: int = 0, world_size: int = 1, device: torch.device | str | None = None, grad_accum: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.index = _index(path)
@@ -168,11 +170,12 @@ class TokenLoader:
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size, self.device = rank, world_size, device
         self.n_windows = max(0, (self.stream.n_tokens - 1) // seq_len)
-        self.step_windows = batch_size * world_size  # windows all ranks consume per step
+        self.micro_windows = batch_size * world_size  # windows all ranks consume per micro batch
+        self.step_windows = self.micro_windows * grad_accum  # ... and per optimizer step: the global batch
         if self.n_windows < self.step_windows:
             raise StageError(f"the {split} split has {self.stream.n_tokens} tokens, {self.n_windows} windows of "
-                             f"seq_len={seq_len}, fewer than one step needs ({batch_size} x {world_size} ranks): "
-                             f"lower seq_len or batch_size, or tokenize more documents")
+                             f"seq_len={seq_len}, fewer than one step's batch of {self.step_windows}: lower seq_len "
+                             f"or batch_size, or tokenize more documents")
         self.epoch = self.position = 0
         self._order_key: tuple[int, int] | None = None
         self._order = np.empty(0)
@@ -190,10 +193,11 @@ class TokenLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.position + self.step_windows > self.n_windows:  # the epoch's remainder is dropped
+        at_step_start = self.position % self.step_windows == 0
+        if at_step_start and self.position + self.step_windows > self.n_windows:  # the remainder is dropped
             self.epoch, self.position = self.epoch + 1, 0
-        mine = self.order()[self.position + self.rank:self.position + self.step_windows:self.world_size]
-        self.position += self.step_windows
+        mine = self.order()[self.position + self.rank:self.position + self.micro_windows:self.world_size]
+        self.position += self.micro_windows
         rows = self.stream.windows(mine.astype(np.int64) * self.seq_len, self.seq_len + 1)  # (B, T+1)
         return _to_batch(rows, self.device)
 

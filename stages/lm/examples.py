@@ -96,15 +96,19 @@ def pad_batch(seqs: list[list[int]], pad: int) -> torch.Tensor:
 class ExampleLoader:
     """Infinite, seeded, resumable iterator of lists of examples (collate them yourself).
 
-    Each step draws one global batch of batch_size x world_size examples from a seeded per-epoch shuffle, and
-    rank `rank` takes its own batch_size of them, so ranks never train on the same example in a step. The state
-    counts global examples, so a resume (with any number of ranks) continues the same order."""
+    Each optimizer step draws one global batch of batch_size x world_size x grad_accum examples from a seeded
+    per-epoch shuffle, one micro batch of batch_size x world_size at a time, and rank `rank` takes its own
+    batch_size of each, so ranks never train on the same example in a step, and a step's examples are the same
+    however the batch is cut into ranks and micro batches. An epoch's remainder shorter than a global batch is
+    dropped. The state counts global examples, so a resume (with any number of ranks) continues the same order."""
 
     def __init__(self, examples: list, batch_size: int, seed: int, collate: Callable[[list], object],
-                 rank: int = 0, world_size: int = 1):
-        if len(examples) < world_size:
-            raise StageError(f"{len(examples)} training examples for {world_size} ranks: give more data or "
-                             f"use fewer ranks")
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1):
+        self.micro = batch_size * world_size  # examples all ranks take per micro batch
+        self.step = self.micro * grad_accum  # ... and per optimizer step
+        if len(examples) < self.step:
+            raise StageError(f"{len(examples)} training examples, fewer than one step's batch of {self.step}: give "
+                             f"more data or lower batch_size")
         self.examples, self.batch_size, self.seed, self.collate = examples, batch_size, seed, collate
         self.rank, self.world_size = rank, world_size
         self.epoch = self.position = 0
@@ -116,15 +120,11 @@ class ExampleLoader:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
 
     def __next__(self):
-        order = self._order()
-        # an epoch's tail too short to give every rank at least one example starts the next epoch (one rank:
-        # only when the epoch is used up)
-        if self.position + (self.world_size - 1) * self.batch_size >= len(order):
+        if self.position % self.step == 0 and self.position + self.step > len(self.examples):
             self.epoch, self.position = self.epoch + 1, 0
-            order = self._order()
         start = self.position + self.rank * self.batch_size
-        idx = order[start:start + self.batch_size]
-        self.position += self.batch_size * self.world_size
+        idx = self._order()[start:start + self.batch_size]
+        self.position += self.micro
         return self.collate([self.examples[i] for i in idx])
 
     def state_dict(self) -> dict:

@@ -10,10 +10,10 @@ run() into the staging directory, moves into N child processes:
                       on rank 0 only)
 
 Launch settings come from the environment, never from a stage Config: how many processes train an artifact
-does not change its version, and one preset runs on a laptop and on a cluster unchanged. Caveat, today:
-micro_batch_size is per rank, so N ranks train with an N times larger global batch than one rank under the
-same version (stats record world_size and tokens_trained); a global batch setting in TrainConfig, with
-grad_accum derived from it, would make the ranks a pure speed choice.
+does not change its version, and one preset runs on a laptop and on a cluster unchanged. That holds because a
+training stage's batch_size counts all ranks: each rank trains batch_size / world sequences a step, cut into
+micro batches with gradient accumulation (trainer.plan_batch), so 1 process and N ranks train on the same
+sequences every step and reach the same model up to float rounding (tests/test_launch.py, tests/test_slurm.py).
 
     CRAWL2CHAT_NPROC=2      processes per node (GPUs per node; CPU processes with DS_ACCELERATOR=cpu).
                             Unset: 1 without a hostfile (in-process, as before), every slot of the hostfile with one.

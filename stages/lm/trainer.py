@@ -14,6 +14,7 @@ resume purges the crashed attempt's events past the checkpoint there, as Summary
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,8 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # 
 from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
-from stages.common import StageError, progress  # noqa: E402
+from stages.common import StageError, progress, runtime  # noqa: E402
+from stages.lm import memory  # noqa: E402
 
 log = logging.getLogger("crawl2chat")
 
@@ -47,8 +49,13 @@ class TrainConfig:
     """Optimisation settings every training stage shares. Stage Configs extend this."""
 
     steps: int = 1000               # optimizer steps (pretrain: 0 derives them from its token budget)
-    micro_batch_size: int = 8       # sequences per device per forward pass
-    grad_accum: int = 1             # micro-batches per optimizer step
+    batch_size: int = 8             # sequences (examples) per optimizer step, all ranks together: the recipe's batch
+    # How the batch is cut up is a speed choice, so it stays out of the version (runtime): every step trains on
+    # the same batch_size sequences whatever the ranks (world) and micro batch. plan_batch fills both before
+    # training: grad_accum = batch_size / (micro_batch_size x world).
+    micro_batch_size: int = runtime(0)  # sequences per rank per forward pass; 0: the whole per-rank batch on a CPU,
+                                        # on a GPU the largest divisor of it that fits memory (stages/lm/memory.py)
+    grad_accum: int = runtime(0)        # derived by plan_batch; setting it is an error (set batch_size)
     lr: float = 3e-4                # peak learning rate (AdamW)
     schedule: str = "cosine"        # after warm-up: "cosine" decay, or "wsd" (warmup-stable-decay, see lr_at)
     min_lr_frac: float = 0.1        # the schedule ends at lr * min_lr_frac
@@ -65,8 +72,8 @@ class TrainConfig:
     tensorboard: bool = True        # loss/lr/grad_norm events under <out>/tensorboard (when a stage passes a dir)
 
     def __post_init__(self):
-        if self.steps < 0 or self.micro_batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("steps must be >= 0, micro_batch_size and grad_accum at least 1")
+        if self.steps < 0 or self.batch_size < 1 or self.micro_batch_size < 0:
+            raise ValueError("steps must be >= 0, batch_size at least 1 and micro_batch_size >= 0 (0: automatic)")
         if self.warmup_steps < 0 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("warmup_steps must be >= 0, checkpoint_every and keep_checkpoints at least 1")
         if self.schedule not in ("cosine", "wsd"):
@@ -78,6 +85,13 @@ class TrainConfig:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
 
+    def resolved(self):
+        """This config with its hardware-dependent choices made, as the version must record them:
+        stages.common.build calls it before planning the version, so an fp32 CPU build is never reused for a
+        bf16 GPU request. Launched ranks get the resolved config, so they train in the precision the parent
+        planned whatever their own hardware would pick."""
+        return dataclasses.replace(self, precision=resolve_precision(self.precision))
+
 
 def rank_world() -> tuple[int, int]:
     """(this process's rank, the number of ranks), as the launcher set them (stages/lm/launch.py); 0 and 1 when
@@ -85,14 +99,73 @@ def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def resolve_precision(precision: str) -> str:
+    """"auto" -> what this machine trains in: bf16 on a GPU that has it, else fp32; others unchanged."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def use_bf16(cfg: TrainConfig) -> bool:
-    if cfg.precision == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return cfg.precision == "bf16"
+    return resolve_precision(cfg.precision) == "bf16"
+
+
+def plan_batch(cfg: TrainConfig, model: torch.nn.Module | None = None, seqs_per_example: int = 1,
+               max_micro: int | None = None) -> TrainConfig:
+    """cfg with micro_batch_size and grad_accum for this world, keeping batch_size (the recipe) exact.
+
+    micro_batch_size=0 picks: on a GPU, the largest divisor of the per-rank batch whose estimated memory (weights,
+    gradients, optimizer state after ZeRO's partitioning, activations and logits of one micro batch:
+    memory.training_bytes) fits the device; elsewhere the whole per-rank batch. A micro batch given explicitly is
+    checked the same way on a GPU. Fails before step 1 with the setting to change. seqs_per_example: sequences a
+    model sees per example (2 for a preference pair); max_micro caps the pick."""
+    _, world = rank_world()
+    if cfg.grad_accum:
+        raise StageError(f"grad_accum={cfg.grad_accum} is derived, not set: set batch_size (sequences per optimizer "
+                         f"step, all ranks together) and leave grad_accum at 0")
+    if cfg.batch_size % world:
+        raise StageError(f"batch_size={cfg.batch_size} does not split over {world} ranks: set batch_size to a "
+                         f"multiple of {world}, or run on a number of ranks that divides it")
+    per_rank = cfg.batch_size // world
+    if cfg.micro_batch_size and per_rank % cfg.micro_batch_size:
+        raise StageError(f"micro_batch_size={cfg.micro_batch_size} does not divide the {per_rank} sequences each of "
+                         f"{world} rank(s) trains per step (batch_size={cfg.batch_size}): pick a divisor of "
+                         f"{per_rank}, or 0 to choose automatically")
+    on_gpu = torch.cuda.is_available() and model is not None and memory.gpt_config(model) is not None
+    if not on_gpu:  # CPU runs are smoke runs and tests: no estimate, the whole per-rank batch at once
+        micro = cfg.micro_batch_size or min(per_rank, max_micro or per_rank)
+        while per_rank % micro:
+            micro -= 1
+        return dataclasses.replace(cfg, micro_batch_size=micro, grad_accum=per_rank // micro)
+
+    budget = memory.budget_bytes(device())
+
+    def need(micro: int) -> float:
+        return memory.training_bytes(model, micro * seqs_per_example, cfg.zero_stage, world, use_bf16(cfg))
+
+    if cfg.micro_batch_size:
+        micro = cfg.micro_batch_size
+        if need(micro) > budget:
+            raise StageError(f"micro_batch_size={micro} needs about {need(micro) / 2**30:.0f} GiB per GPU by the "
+                             f"preflight estimate, more than the {budget / 2**30:.0f} GiB this GPU offers: lower "
+                             f"micro_batch_size, or set it to 0 to pick the largest that fits")
+    else:
+        divisors = [d for d in range(min(per_rank, max_micro or per_rank), 0, -1) if per_rank % d == 0]
+        micro = next((d for d in divisors if need(d) <= budget), 0)
+        if not micro:
+            raise StageError(f"not even one sequence per micro batch fits this GPU: about {need(1) / 2**30:.0f} GiB "
+                             f"per GPU by the preflight estimate against {budget / 2**30:.0f} GiB. Shard the "
+                             f"weights and optimizer state over the ranks (zero_stage=3), use more GPUs, or lower "
+                             f"seq_len or depth")
+    log.info("preflight: micro batch %d x %d accumulation x %d rank(s) = batch %d; about %.1f of %.1f GiB per GPU",
+             micro, per_rank // micro, world, cfg.batch_size, need(micro) / 2**30, budget / 2**30)
+    return dataclasses.replace(cfg, micro_batch_size=micro, grad_accum=per_rank // micro)
 
 
 def ds_config(cfg: TrainConfig, log_dir: Path | None = None, job_name: str = "train") -> dict:
     """The DeepSpeed config, generated from cfg (never a hand-kept JSON). log_dir: TensorBoard's root."""
+    if not cfg.micro_batch_size or not cfg.grad_accum:
+        raise ValueError("the batch is not planned: pass the config through trainer.plan_batch first")
     config = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -262,7 +335,13 @@ def train_step(engine, micro_batches, loss_fn, cfg: TrainConfig, step: int, tota
     # the plain fp32 path leaves it None, and then the .grad norm taken before the step is the same number.
     ds_norm = engine.get_global_grad_norm()
     norm = float(ds_norm) if ds_norm is not None else (norm or 0.0)
-    return {"step": step + 1, "loss": loss_sum / cfg.grad_accum, "grad_norm": norm, "lr": lr}
+    loss = loss_sum / cfg.grad_accum
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # the whole batch's loss, as one rank would log it, not this rank's share of the batch
+        total = torch.tensor(loss, dtype=torch.float64, device=engine.device)
+        torch.distributed.all_reduce(total)
+        loss = total.item() / torch.distributed.get_world_size()
+    return {"step": step + 1, "loss": loss, "grad_norm": norm, "lr": lr}
 
 
 def thin(history: list[dict], points: int = 100) -> list[dict]:
