@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/crawl2chat status
 
 test: $(STAMP)
-	bash infra/ci/install-services.sh   # Debian's PostgreSQL and Chromium for the server and UI tests
+	bash infra/ci/install-services.sh   # Debian packages for the server, UI and local-cluster tests
 	$(VENV)/bin/pytest -q
 
 clean:

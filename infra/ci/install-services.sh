@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Debian packages that tests/test_server.py (PostgreSQL) and tests/test_ui.py (headless Chromium driven
-# through ChromeDriver) need. `make test` (and so CI) calls it first, so those tests run instead of
+# Debian packages that tests/test_server.py (PostgreSQL), tests/test_ui.py (headless Chromium driven
+# through ChromeDriver) and tests/test_cluster.py (a two-node Slurm and ssh cluster in network namespaces,
+# infra/cluster/local_cluster.sh) need. `make test` (and so CI) calls it first, so those tests run instead of
 # skipping; on a developer machine it installs only what is missing (as root, or through sudo).
 # Measured on the dev machine: chromium + chromium-driver 59 s with apt-get update; postgresql ~15 s more.
 set -euo pipefail
@@ -10,9 +11,20 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 # Debian keeps initdb and pg_ctl under /usr/lib/postgresql/<major>/bin, off PATH
 compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || need+=(postgresql)
+# The local cluster: Slurm's daemons and client tools (sbatch, srun, squeue, sinfo), munge that authenticates
+# them, an sshd per node with pdsh on top (DeepSpeed's multi-node launcher), ip for the namespaces. sshd and the
+# daemons live in /usr/sbin, off a user's PATH, hence the paths. The packages' own services are not used: the
+# tests start their own daemons on their own configuration (where systemd runs, Debian starts and enables
+# those services on install, sshd on port 22 included; the tests neither need nor touch them).
+[ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && command -v sbatch >/dev/null 2>&1 || need+=(slurm-wlm)
+[ -x /usr/sbin/munged ] || need+=(munge)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+command -v pdsh >/dev/null 2>&1 || need+=(pdsh)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
 
 if [ ${#need[@]} -eq 0 ]; then
-    echo "install-services: chromium, chromium-driver and postgresql are already installed"
+    echo "install-services: chromium, chromium-driver, postgresql and the cluster's packages are already installed"
     exit 0
 fi
 sudo=""
