@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with torch.device(dev):  # initialise on the GPU: seconds instead of a minute of CPU init for 560M params
         model = GPT(mcfg)
+    params, flops_per_token = model.num_params(), model.flops_per_token()  # before DeepSpeed may partition them
     engine = trainer.make_engine(model, cfg)
     if args.compile:
         engine.compile()
@@ -101,11 +102,11 @@ def main(argv=None) -> int:
         dt = (time.perf_counter() - t0) / args.steps
 
     tokens_per_s = args.batch * args.seq_len / dt
-    mfu = tokens_per_s * model.flops_per_token() / peak
+    mfu = tokens_per_s * flops_per_token / peak
     print(f"mfu={mfu:.2f} (goal >= {args.goal:.2f})")
     print(f"gpu: {name}, peak {peak:.3g} bf16 FLOP/s; torch.compile {'on' if args.compile else 'off'}")
     print(f"model: depth {args.depth}, width {mcfg.n_embd}, {mcfg.n_head} heads of {mcfg.head_dim}, "
-          f"{model.num_params() / 1e6:.0f}M params, {model.flops_per_token() / 1e9:.2f} GFLOP/token; "
+          f"{params / 1e6:.0f}M params, {flops_per_token / 1e9:.2f} GFLOP/token; "
           f"batch {args.batch} x {args.seq_len} tokens")
     print(f"step {dt * 1e3:.0f} ms, {tokens_per_s:.3g} tokens/s; {args.steps} timed steps after {args.warmup} "
           f"warm-up ({warm_s:.1f} s); last loss {m['loss']:.3f}; "

@@ -87,11 +87,15 @@ def run(cfg: Config, base: Artifact, conversations: Artifact, *, out: Artifact) 
     loader = ExampleLoader(rows, cfg.micro_batch_size, cfg.seed, lambda b: collate(b, tok.pad), rank, world,
                            cfg.grad_accum)
 
-    def loss_fn(eng, batch):
+    def loss_fn(eng, batch):  # summed over the micro batch's assistant tokens; fit averages over the batch's
         x, y = batch
-        return eng(x.to(eng.device), y.to(eng.device))
+        return eng(x.to(eng.device), y.to(eng.device), reduction="sum")
 
-    history = trainer.fit(engine, cfg, cfg.steps, loader, loss_fn, out.path / "checkpoints")
+    def assistant_tokens(batch) -> int:
+        return int((batch[1] != -1).sum())
+
+    # every assistant token of a step weighs the same, however many share a packed row or a micro batch
+    history = trainer.fit(engine, cfg, cfg.steps, loader, loss_fn, out.path / "checkpoints", count_fn=assistant_tokens)
     chat_loss = assistant_loss(engine.module, val, tok.pad)  # every rank: ZeRO-3 gathers weights collectively
     with trainer.whole_params(engine.module):
         if rank == 0:

@@ -244,6 +244,20 @@ def test_packed_targets_are_the_assistant_tokens(chat):
     assert targets(y_packed) == targets(y_alone) and len(targets(y_alone)) > 0
 
 
+def test_sft_weighs_every_assistant_token_alike_however_the_batch_is_cut(base, conversations, tmp_path):
+    """Packed rows hold different numbers of assistant tokens, so a mean per micro batch would weigh a token by
+    how the batch happened to be cut; the step's loss is the mean over the whole batch's assistant tokens, so
+    8 rows at once and 4 accumulated micro batches of 2 train the same model (float rounding apart)."""
+    curves = []
+    for micro in (8, 2):
+        out = tmp_path / f"micro{micro}"
+        out.mkdir()
+        stats = sft.run(dataclasses.replace(SFT, steps=4, micro_batch_size=micro), base.artifact,
+                        conversations.artifact, out=Artifact(sft.NAME, f"micro{micro}", out))
+        curves.append([h["loss"] for h in stats["curve"]])
+    assert len(curves[0]) == 4 and max(abs(a - b) for a, b in zip(*curves)) < 1e-5, curves
+
+
 def test_sft_refuses_an_import_of_the_wrong_kind(base, preferences, tmp_path):
     with pytest.raises(StageError, match="holds preferences, not conversations"):
         sft.run(SFT, base.artifact, preferences.artifact, out=Artifact(sft.NAME, "bad", tmp_path))

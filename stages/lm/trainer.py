@@ -319,13 +319,29 @@ def local_grad_norm(engine) -> float | None:
     return float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else None
 
 
-def train_step(engine, micro_batches, loss_fn, cfg: TrainConfig, step: int, total: int) -> dict:
-    """One optimizer step over cfg.grad_accum micro-batches; loss_fn(engine, batch) -> scalar loss."""
+def train_step(engine, micro_batches, loss_fn, cfg: TrainConfig, step: int, total: int, count_fn=None) -> dict:
+    """One optimizer step over cfg.grad_accum micro-batches; loss_fn(engine, batch) -> scalar loss.
+
+    DeepSpeed divides each micro batch's loss by grad_accum and averages the ranks' gradients, so the step trains
+    on the mean of the micro batches' losses: the batch's mean when every micro batch weighs the same (pretrain's
+    full windows, preference pairs). Where they do not, pass count_fn(batch) -> the units a micro batch's loss is
+    averaged over (sft: its assistant tokens): loss_fn then returns the SUM over its units, and each is scaled so
+    that the step's gradient is that of the mean over every unit of the whole batch, however the batch is cut
+    into ranks and micro batches (one version, one model)."""
     lr = lr_at(step, total, cfg)
     set_lr(engine, lr)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    scale = None
+    if count_fn is not None:
+        units = torch.tensor(float(sum(count_fn(b) for b in micro_batches)), dtype=torch.float64, device=engine.device)
+        if world > 1:
+            torch.distributed.all_reduce(units)
+        scale = cfg.grad_accum * world / max(units.item(), 1.0)  # undoes DeepSpeed's / grad_accum and / world
     loss_sum, norm = 0.0, 0.0
     for i, batch in enumerate(micro_batches):
         loss = loss_fn(engine, batch)
+        if scale is not None:
+            loss = loss * scale
         engine.backward(loss)
         if i == cfg.grad_accum - 1:
             norm = local_grad_norm(engine)
@@ -336,11 +352,10 @@ def train_step(engine, micro_batches, loss_fn, cfg: TrainConfig, step: int, tota
     ds_norm = engine.get_global_grad_norm()
     norm = float(ds_norm) if ds_norm is not None else (norm or 0.0)
     loss = loss_sum / cfg.grad_accum
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        # the whole batch's loss, as one rank would log it, not this rank's share of the batch
+    if world > 1:  # the whole batch's loss, as one rank would log it, not this rank's share of the batch
         total = torch.tensor(loss, dtype=torch.float64, device=engine.device)
         torch.distributed.all_reduce(total)
-        loss = total.item() / torch.distributed.get_world_size()
+        loss = total.item() / world
     return {"step": step + 1, "loss": loss, "grad_norm": norm, "lr": lr}
 
 
@@ -425,7 +440,8 @@ KILL_ENV = "CRAWL2CHAT_SIGKILL_AFTER_STEP"
 
 
 def fit(engine, cfg: TrainConfig, total: int, loader, loss_fn, ckpt_dir: Path, tokens_per_step: int = 0,
-        log_every: int = 10, flops_per_token: float = 0.0, peak_flops: float | None = None) -> list[dict]:
+        log_every: int = 10, flops_per_token: float = 0.0, peak_flops: float | None = None,
+        count_fn=None) -> list[dict]:
     """Train to `total` optimizer steps, resuming from the newest checkpoint in ckpt_dir if there is one.
 
     loader: an iterator of micro-batches with state_dict()/load_state_dict(), so a resumed run sees exactly
@@ -450,7 +466,8 @@ def fit(engine, cfg: TrainConfig, total: int, loader, loss_fn, ckpt_dir: Path, t
     with open(metrics_path, "a") if rank == 0 else open(os.devnull, "w") as metrics_file:
         while step < total:
             t0 = time.perf_counter()
-            metrics = train_step(engine, [next(loader) for _ in range(cfg.grad_accum)], loss_fn, cfg, step, total)
+            metrics = train_step(engine, [next(loader) for _ in range(cfg.grad_accum)], loss_fn, cfg, step, total,
+                                 count_fn)
             step = metrics["step"]
             if tokens_per_step:  # only pretrain's steps have a fixed token count; the others log no tok/s
                 metrics["tokens_per_s"] = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
