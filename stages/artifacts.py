@@ -5,11 +5,15 @@ the recipe that made it: stage name, the stage's code version, its config as can
 of its inputs. Same recipe, same version, so a committed artifact is reused instead of rebuilt, and changing
 one stage's config gives that stage and everything downstream new versions while upstream is reused.
 
-Commit is atomic. A stage writes into a staging directory that depends only on (stage, version), so a crashed
-stage finds its own partial work again and resumes it. Commit writes `manifest.json` (config, inputs, stats,
-every file with size and sha256), then the `COMMITTED` marker, and only then makes the artifact visible:
-locally by renaming the staging directory into place (one atomic rename), on an object store by uploading the
-files, the manifest and the marker last. Readers only trust directories that hold the marker.
+Commit is atomic and durable. A stage writes into a staging directory that depends only on (stage, version), so
+a crashed stage finds its own partial work again and resumes it; one builder at a time holds it (`building`: a
+lock the kernel drops when its holder dies, so a killed builder's work is taken over, not waited on). Commit
+fsyncs every file, writes and fsyncs `manifest.json` (config, inputs, stats, every file with size and sha256),
+then the `COMMITTED` marker, fsyncs the directories, and only then makes the artifact visible: locally by renaming
+the staging directory into place (one atomic rename, then an fsync of the parent so the rename survives a power
+loss), on an object store by uploading the files, the manifest and the marker last. Readers only trust
+directories that hold the marker. A crash at any point leaves either no artifact (the next run resumes from
+staging) or a complete one (tests/test_artifacts.py kills the committing process between every two steps).
 
 `root` is a local path or any fsspec URL (s3://, gs://, memory:// in tests). Stages always read and write
 local directories: artifacts on a remote root are materialised into a local cache (checked against their
@@ -20,11 +24,14 @@ manifest) before a stage reads them, and staged locally before they are uploaded
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -40,6 +47,10 @@ MARKER = "COMMITTED"
 ALIASES = "_aliases"
 STAGING = ".staging"
 VERSION_CHARS = 12  # hex chars of sha256: 48 bits, collision-free for any realistic number of recipes
+# Test hook: SIGKILL the committing process at this point of commit (one of COMMIT_STEPS), as a power loss or an
+# OOM kill would stop it there: no exception, no clean-up.
+KILL_ENV = "CRAWL2CHAT_SIGKILL_IN_COMMIT"
+COMMIT_STEPS = ("files_synced", "manifest_written", "marker_written", "renamed")
 
 
 class ArtifactError(Exception):
@@ -99,6 +110,27 @@ def code_revision() -> str:
         return "unknown"
 
 
+def fsync_path(path: Path | str) -> None:
+    """Flush a file's data, or a directory's entries, to stable storage (Linux opens both read-only for this)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _crash_point(step: str) -> None:
+    if os.environ.get(KILL_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _utcnow() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -127,6 +159,36 @@ class ArtifactStore:
         if self.is_local:
             return Path(self._base) / stage / STAGING / version
         return self.cache_dir / "staging" / self._root_key() / stage / version
+
+    @contextlib.contextmanager
+    def building(self, stage: str, version: str, on_wait=None):
+        """Hold the builder lock of (stage, version) for the block: one process builds a recipe, every other one
+        that asks for it waits here, then finds it committed and reuses it (or, if the builder failed, resumes
+        its staging directory). Distinct recipes have distinct locks and never wait on each other.
+
+        flock, not a lock file's existence: the kernel releases it when the holder exits however it exits
+        (SIGKILL, OOM, a node's crash on NFS, where Linux maps flock to NFS byte-range locks), so a dead
+        builder's lock is taken over at once instead of waited on forever. The file keeps the holder's host and
+        pid for the message on_wait(holder) gets. A remote store's staging, and so its lock, is in this machine's
+        cache: there it serialises the runs of one machine."""
+        lock_path = self.staging_path(stage, version).with_name(f"{version}.lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                if on_wait is not None:
+                    on_wait(lock.read().strip() or "another process")
+                fcntl.flock(lock, fcntl.LOCK_EX)  # until the holder commits, fails or dies
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+            lock.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _root_key(self) -> str:
         """A cache folder per remote root, so two stores sharing a cache never mix their artifacts."""
@@ -245,10 +307,11 @@ class ArtifactStore:
             raise ArtifactError(f"cannot alias {stage}/{version}: it is not committed")
         path = f"{self._base}/{ALIASES}/{stage}/{name}"
         self.fs.makedirs(f"{self._base}/{ALIASES}/{stage}", exist_ok=True)
-        if self.is_local:  # write-then-rename, so a reader never sees an empty alias file
-            tmp = f"{path}.tmp-{os.getpid()}"
-            Path(tmp).write_text(version)
+        if self.is_local:  # write-then-rename, so a reader never sees an empty alias file, even after a power loss
+            tmp = Path(f"{path}.tmp-{os.getpid()}")
+            _write_durably(tmp, version)
             os.replace(tmp, path)
+            fsync_path(tmp.parent)
         else:
             self.fs.pipe_file(path, version.encode())
 
@@ -268,6 +331,8 @@ class ArtifactStore:
             if p.is_file() and p.name not in (MANIFEST, MARKER):
                 files.append({"path": p.relative_to(staging).as_posix(), "size": p.stat().st_size,
                               "sha256": sha256_file(p)})
+                fsync_path(p)  # the stage's writes are on disk before anything says they are complete
+        _crash_point("files_synced")
         manifest = {
             "stage": stage,
             "version": version,
@@ -282,17 +347,24 @@ class ArtifactStore:
             "files": files,
             **(extra or {}),
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        (staging / MARKER).write_text(manifest["ended"] + "\n")
+        _write_durably(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        _crash_point("manifest_written")
+        _write_durably(staging / MARKER, manifest["ended"] + "\n")
+        for d in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+            fsync_path(d)  # every file's directory entry, the manifest's and the marker's included
+        _crash_point("marker_written")
         final = self._dir(stage, version)
         if self.is_local:
-            for p in staging.rglob("*"):  # committed artifacts are never modified: make that the default
-                if p.is_file():
-                    p.chmod(0o444)
             if Path(final).exists():  # committed by a concurrent run of the same recipe: keep theirs
                 shutil.rmtree(staging)
             else:
                 os.replace(staging, final)
+                _crash_point("renamed")
+                fsync_path(Path(final).parent)  # the rename itself is durable now
+                fsync_path(staging.parent)
+                for p in Path(final).rglob("*"):  # committed artifacts are never modified: make that the default
+                    if p.is_file():
+                        p.chmod(0o444)
         else:
             for f in files:
                 self.fs.put_file(str(staging / f["path"]), f"{final}/{f['path']}")

@@ -105,6 +105,19 @@ def build(stage: types.ModuleType, cfg: Any, inputs: list[Artifact], store: Arti
     if store.is_committed(stage.NAME, version):
         art = store.get(stage.NAME, version)
         return BuildResult(art, True, art.manifest()["stats"])
+
+    def waiting(holder: str) -> None:
+        log.info("%s/%s: %s is building it; waiting to reuse it", stage.NAME, version, holder)
+
+    with store.building(stage.NAME, version, on_wait=waiting):  # one builder per recipe, the others wait
+        if store.is_committed(stage.NAME, version):  # built while this run waited
+            art = store.get(stage.NAME, version)
+            return BuildResult(art, True, art.manifest()["stats"])
+        return _build_in_staging(stage, cfg, inputs, store, version)
+
+
+def _build_in_staging(stage: types.ModuleType, cfg: Any, inputs: list[Artifact], store: ArtifactStore,
+                      version: str) -> BuildResult:
     staging = store.staging_path(stage.NAME, version)
     staging.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
