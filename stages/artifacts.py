@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -47,6 +48,14 @@ MARKER = "COMMITTED"
 ALIASES = "_aliases"
 STAGING = ".staging"
 VERSION_CHARS = 12  # hex chars of sha256: 48 bits, collision-free for any realistic number of recipes
+# What a stage name, a version and an alias may look like. Every path the store builds or removes is made of
+# names checked against these first, since manifests, aliases and listings of a shared or remote store are data
+# anyone with write access could have crafted ("../../home", "/etc"). A pattern rather than the list of this
+# checkout's stages: a store also holds the stages of newer checkouts and of tests, and the pattern is what keeps
+# a name a single path component.
+STAGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+VERSION_NAME = re.compile(rf"[0-9a-f]{{{VERSION_CHARS}}}")
+ALIAS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Test hook: SIGKILL the committing process at this point of commit (one of COMMIT_STEPS), as a power loss or an
 # OOM kill would stop it there: no exception, no clean-up.
 KILL_ENV = "CRAWL2CHAT_SIGKILL_IN_COMMIT"
@@ -110,6 +119,22 @@ def code_revision() -> str:
         return "unknown"
 
 
+def check_name(stage: str, version: str | None = None, alias: str | None = None) -> None:
+    """Refuse a stage, version or alias name that is not one plain path component of the expected form."""
+    for kind, value, pattern in (("stage", stage, STAGE_NAME), ("version", version, VERSION_NAME),
+                                 ("alias", alias, ALIAS_NAME)):
+        if value is not None and not (isinstance(value, str) and pattern.fullmatch(value)):
+            raise ArtifactError(f"refusing {kind} name {value!r}: a {kind} is {pattern.pattern}; a manifest, alias "
+                                f"or listing that gives another was written by something other than this store")
+
+
+def check_relpath(path: str) -> None:
+    """A manifest's file path must stay inside its artifact: relative, no '..', no empty or odd components."""
+    parts = path.split("/")
+    if path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in path:
+        raise ArtifactError(f"refusing the manifest's file path {path!r}: it would reach outside its artifact")
+
+
 def fsync_path(path: Path | str) -> None:
     """Flush a file's data, or a directory's entries, to stable storage (Linux opens both read-only for this)."""
     fd = os.open(path, os.O_RDONLY)
@@ -152,10 +177,12 @@ class ArtifactStore:
 
     # ---- paths ---------------------------------------------------------------------------------------------
     def _dir(self, stage: str, version: str) -> str:
+        check_name(stage, version)
         return f"{self._base}/{stage}/{version}"
 
     def staging_path(self, stage: str, version: str) -> Path:
         """Where a stage writes. Stable for (stage, version), so a re-run after a crash resumes there."""
+        check_name(stage, version)
         if self.is_local:
             return Path(self._base) / stage / STAGING / version
         return self.cache_dir / "staging" / self._root_key() / stage / version
@@ -212,6 +239,14 @@ class ArtifactStore:
             tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".download-"))
             self.fs.get(self._dir(stage, version) + "/", str(tmp), recursive=True)
             manifest = json.loads((tmp / MANIFEST).read_text())
+            try:  # all of the manifest's names before any of them is used for a path
+                for i in manifest["inputs"]:
+                    check_name(i["stage"], i["version"])
+                for f in manifest["files"]:
+                    check_relpath(f["path"])
+            except ArtifactError:
+                shutil.rmtree(tmp)
+                raise
             for f in manifest["files"]:
                 if sha256_file(tmp / f["path"]) != f["sha256"]:
                     shutil.rmtree(tmp)
@@ -233,8 +268,9 @@ class ArtifactStore:
         append leaves behind."""
         base = Path(self._dir(stage, version))
         for f in self.manifest(stage, version)["files"]:
+            check_relpath(f["path"])
             path = base / f["path"]
-            if not path.is_file() or path.stat().st_size != f["size"]:
+            if path.is_symlink() or not path.is_file() or path.stat().st_size != f["size"]:
                 raise ArtifactError(f"{stage}/{version} is corrupt: {f['path']} is missing or not the size its "
                                     f"manifest records; run `crawl2chat artifacts verify {stage}/{version}`, "
                                     f"delete {base} and re-run to rebuild it")
@@ -252,7 +288,7 @@ class ArtifactStore:
         if not self.fs.exists(self._base):
             return []
         return sorted(Path(p).name for p in self.fs.ls(self._base, detail=False)
-                      if self.fs.isdir(p) and not Path(p).name.startswith(("_", ".")))
+                      if self.fs.isdir(p) and STAGE_NAME.fullmatch(Path(p).name))
 
     def versions(self, stage: str) -> list[str]:
         """Committed versions of a stage, oldest first."""
@@ -262,7 +298,7 @@ class ArtifactStore:
         found = []
         for p in self.fs.ls(base, detail=False):
             v = Path(p).name
-            if not v.startswith(".") and self.is_committed(stage, v):
+            if VERSION_NAME.fullmatch(v) and self.is_committed(stage, v):
                 # the marker holds the commit time: a corrupt manifest still lists, and `verify` reports it
                 found.append((self.fs.cat_file(f"{base}/{v}/{MARKER}").decode().strip(), v))
         return [v for _, v in sorted(found)]
@@ -303,6 +339,7 @@ class ArtifactStore:
 
     # ---- aliases -------------------------------------------------------------------------------------------
     def set_alias(self, stage: str, name: str, version: str) -> None:
+        check_name(stage, version, name)
         if not self.is_committed(stage, version):
             raise ArtifactError(f"cannot alias {stage}/{version}: it is not committed")
         path = f"{self._base}/{ALIASES}/{stage}/{name}"
@@ -316,10 +353,13 @@ class ArtifactStore:
             self.fs.pipe_file(path, version.encode())
 
     def read_alias(self, stage: str, name: str) -> str | None:
+        check_name(stage, alias=name)
         path = f"{self._base}/{ALIASES}/{stage}/{name}"
         if not self.fs.exists(path):
             return None
-        return self.fs.cat_file(path).decode().strip()
+        version = self.fs.cat_file(path).decode().strip()
+        check_name(stage, version)  # the alias file is data: it must name a version, not a path
+        return version
 
     # ---- writing -------------------------------------------------------------------------------------------
     def commit(self, stage: str, version: str, *, config: dict, inputs: Sequence[Artifact],
@@ -328,6 +368,9 @@ class ArtifactStore:
         staging = self.staging_path(stage, version)
         files = []
         for p in sorted(staging.rglob("*")):
+            if p.is_symlink():  # its target is outside what the manifest can vouch for, and may change
+                raise ArtifactError(f"{stage}/{version}: the stage left a symbolic link, {p.relative_to(staging)}, "
+                                    f"in its output; an artifact holds files only: copy the file instead")
             if p.is_file() and p.name not in (MANIFEST, MARKER):
                 files.append({"path": p.relative_to(staging).as_posix(), "size": p.stat().st_size,
                               "sha256": sha256_file(p)})
@@ -384,9 +427,16 @@ class ArtifactStore:
         problems = []
         listed = set()
         for f in manifest["files"]:
+            try:
+                check_relpath(f["path"])
+            except ArtifactError as e:
+                problems.append(str(e))
+                continue
             listed.add(f["path"])
             path = f"{base}/{f['path']}"
-            if not self.fs.exists(path):
+            if self.is_local and Path(path).is_symlink():
+                problems.append(f"symbolic link: {f['path']} (an artifact holds files only)")
+            elif not self.fs.exists(path):
                 problems.append(f"missing: {f['path']}")
             elif self.fs.size(path) != f["size"]:
                 problems.append(f"size changed: {f['path']} ({f['size']} -> {self.fs.size(path)} bytes)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import stat
 import types
 import uuid
@@ -587,3 +588,94 @@ def test_runtime_fields_stay_out_of_the_version():
         a, b = stage.Config(), dataclasses.replace(stage.Config(), **{field: 7})
         assert plan_version(stage.NAME, 1, recipe_dict(a), []) == plan_version(stage.NAME, 1, recipe_dict(b), [])
         assert field not in recipe_dict(a)
+
+
+# ---- names from manifests, aliases and listings are data ------------------------------------------------------
+def test_a_crafted_alias_is_refused(store):
+    stage = make_stage()
+    art = build(stage, FakeConfig(), [], store).artifact
+    store.set_alias("fake", "latest", art.version)
+    (Path(store.root) / "_aliases" / "fake" / "latest").chmod(0o644)
+    (Path(store.root) / "_aliases" / "fake" / "latest").write_text("../../../etc")
+    with pytest.raises(ArtifactError, match="refusing version name '../../../etc'"):
+        store.resolve("fake/latest")
+    for bad in ("../x", "/etc", "a/b", ""):
+        with pytest.raises(ArtifactError, match="refusing"):
+            store.set_alias("fake", bad, art.version) if bad else store.get("fake", "../" + art.version)
+
+
+def test_a_crafted_manifest_path_is_refused_locally(store, tmp_path):
+    stage = make_stage()
+    art = build(stage, FakeConfig(), [], store).artifact
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the store's")
+    manifest_path = art.path / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"].append({"path": "../../../outside.txt", "size": outside.stat().st_size, "sha256": "0" * 64})
+    manifest_path.chmod(0o644)
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="refusing the manifest's file path"):
+        store.get("fake", art.version)
+    assert any("refusing" in p for p in store.verify("fake", art.version))
+    assert outside.read_text() == "not the store's"
+
+
+def test_symbolic_links_are_refused(store, tmp_path):
+    stage = make_stage()
+    real_run = stage.run
+
+    def run_with_link(cfg, *inputs, out):
+        stats = real_run(cfg, *inputs, out=out)
+        (out.path / "link").symlink_to(tmp_path)
+        return stats
+
+    stage.run = run_with_link
+    with pytest.raises(ArtifactError, match="symbolic link, link"):
+        build(stage, FakeConfig(), [], store)
+    assert store.versions("fake") == []
+    stage.run = real_run
+    (store.staging_path("fake", plan_version("fake", 1, dataclasses.asdict(FakeConfig()), [])) / "link").unlink()
+    art = build(stage, FakeConfig(), [], store).artifact  # a committed one whose file became a link afterwards
+    target = art.path / "data.json"
+    copy = tmp_path / "data.json"
+    copy.write_bytes(target.read_bytes())
+    target.unlink()
+    target.symlink_to(copy)
+    with pytest.raises(ArtifactError, match="is corrupt"):
+        store.get("fake", art.version)
+    assert "symbolic link: data.json (an artifact holds files only)" in store.verify("fake", art.version)
+
+
+def test_a_crafted_remote_manifest_touches_nothing_outside_the_cache(tmp_path):
+    """A remote manifest naming an input of its own stage at '../../..' would have made get() fetch it into, and
+    first rmtree, a cache path outside the cache."""
+    store = ArtifactStore(f"memory://c2c-test-{uuid.uuid4().hex}", cache_dir=tmp_path / "cache")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    try:
+        art = build(make_stage(), FakeConfig(), [], store).artifact
+        remote = f"{store._base}/fake/{art.version}/{MANIFEST}"
+        manifest = json.loads(store.fs.cat_file(remote))
+        manifest["inputs"] = [{"stage": "fake", "version": "../../../../victim"}]
+        store.fs.pipe_file(remote, json.dumps(manifest).encode())
+        shutil.rmtree(store.cache_dir / "artifacts")  # not cached: get() downloads and follows the inputs
+        with pytest.raises(ArtifactError, match="refusing version name"):
+            store.get("fake", art.version)
+        assert (victim / "keep.txt").read_text() == "mine"
+        manifest["inputs"], manifest["files"] = [], [{"path": "../../victim/keep.txt", "size": 4, "sha256": "0"}]
+        store.fs.pipe_file(remote, json.dumps(manifest).encode())
+        with pytest.raises(ArtifactError, match="refusing the manifest's file path"):
+            store.get("fake", art.version)
+        assert (victim / "keep.txt").read_text() == "mine"
+        assert not list((store.cache_dir / "artifacts").rglob(MARKER))  # nothing crafted entered the cache
+    finally:
+        if store.fs.exists(store._base):
+            store.fs.rm(store._base, recursive=True)
+
+
+def test_listings_skip_names_that_are_not_stages_or_versions(store):
+    art = build(make_stage(), FakeConfig(), [], store).artifact
+    (Path(store.root) / "Not-A-Stage").mkdir()
+    (Path(store.root) / "fake" / "not-a-version").mkdir()
+    assert store.stages() == ["fake"] and store.versions("fake") == [art.version]
