@@ -60,6 +60,13 @@ LAUNCHERS = ("deepspeed", "srun")
 DEFAULT_PORT = 29500  # torch.distributed's usual port; only used across nodes, where a free local one won't do
 JOB, STATS = "job.json", "stats.json"
 CHILD_MODULE = "stages.lm.launch"  # this file, run by every rank as `python -m`
+# Variables (names or prefixes) the ranks on other nodes need from the parent's environment. DeepSpeed's pdsh
+# launcher passes on only PYTHON*, UCX*, MLFLOW*, MV2* (and NCCL* on CUDA): over ssh a rank otherwise has the
+# login environment, so a CPU rank would not know DS_ACCELERATOR and would take every core (OMP_NUM_THREADS).
+# PATH: the parent's tools, as srun and the one-node launcher give them. On CPU every rank JIT-builds or loads
+# DeepSpeed's shm op with the first `ninja` on PATH, and two ninja versions (the venv's pip one, a system one)
+# do not trust each other's build log: each rebuilds the op (~40 s) where the other built it last.
+FORWARD_ENV = ("CRAWL2CHAT_", "DS_ACCELERATOR", "OMP_NUM_THREADS", "GLOO_", "NCCL_", "TORCH_", "PATH")
 
 
 @dataclass(frozen=True)
@@ -136,13 +143,20 @@ def launcher_command(settings: Launch, job: Path) -> tuple[list[str], dict[str, 
             raise ValueError("CRAWL2CHAT_LAUNCHER=srun outside a Slurm allocation: submit "
                              "infra/slurm/pretrain.sbatch, or unset it")
         # One task per process on every node; the children map SLURM_PROCID etc. to RANK etc. (_env_from_slurm).
-        # --kill-on-bad-exit: one failed rank ends the step instead of leaving the rest waiting in a collective.
-        per_node = settings.nproc or int(os.environ.get("SLURM_GPUS_ON_NODE", "1"))
+        # Unset, the processes per node are the allocation's tasks per node (sbatch --ntasks-per-node), else
+        # its GPUs per node (0 on a CPU allocation: then 1).
+        per_node = (settings.nproc or int(os.environ.get("SLURM_NTASKS_PER_NODE") or 0)
+                    or int(os.environ.get("SLURM_GPUS_ON_NODE") or 0) or 1)
         first = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
                                capture_output=True, text=True, check=True).stdout.split()[0]
         env.update(MASTER_ADDR=settings.master_addr or first, MASTER_PORT=str(settings.master_port or DEFAULT_PORT))
-        cmd = ["srun", f"--nodes={os.environ['SLURM_JOB_NUM_NODES']}", f"--ntasks-per-node={per_node}",
-               "--kill-on-bad-exit=1", sys.executable, "-u", "-m", CHILD_MODULE, str(job)]
+        cmd = ["srun", f"--nodes={os.environ['SLURM_JOB_NUM_NODES']}", f"--ntasks-per-node={per_node}"]
+        # Slurm 22.05-23.02's srun does not take the job's --cpus-per-task (measured: 1 CPU a task on 22.05.8),
+        # and with core binding each rank would get one core: pass it on.
+        if os.environ.get("SLURM_CPUS_PER_TASK"):
+            cmd.append(f"--cpus-per-task={os.environ['SLURM_CPUS_PER_TASK']}")
+        # --kill-on-bad-exit: one failed rank ends the step instead of leaving the rest waiting in a collective.
+        cmd += ["--kill-on-bad-exit=1", sys.executable, "-u", "-m", CHILD_MODULE, str(job)]
         return cmd, env
     # The deepspeed launcher (deepspeed/launcher/runner.py): --module runs `python -m`; --no_local_rank leaves
     # out the --local_rank=N argument (LOCAL_RANK is in the environment). Without a hostfile it starts
@@ -168,6 +182,32 @@ def launcher_command(settings: Launch, job: Path) -> tuple[list[str], dict[str, 
     return cmd + [CHILD_MODULE, str(job)], env
 
 
+def node_env_file(work: Path, env: typing.Mapping[str, str]) -> Path:
+    """The environment for the ranks on every node of a hostfile launch, as a DeepSpeed env file; returns it.
+
+    DeepSpeed's runner exports, besides its own prefixes, the NAME=value lines of ~/.deepspeed_env and
+    ./.deepspeed_env (DS_ENV_FILE renames them). This file holds those lines, then the FORWARD_ENV variables of
+    `env`; the parent points DS_ENV_FILE at it (an absolute path, so both of the runner's look-ups read it).
+    The runner puts each value in double quotes on the remote command line: values with characters the shell
+    would still expand there are left out, with a warning."""
+    name = env.get("DS_ENV_FILE", ".deepspeed_env")
+    lines = []
+    for folder in dict.fromkeys([Path.home(), Path.cwd()]):  # the user's own files, as the runner reads them
+        if (folder / name).is_file():
+            lines += [line for line in (folder / name).read_text().splitlines() if "=" in line]
+    for key, value in env.items():
+        if not key.startswith(FORWARD_ENV):
+            continue
+        if any(c in value for c in '"$`\\\n'):
+            log.warning("%s is not passed on to the other nodes: its value has characters the remote shell "
+                        "would expand; set it in their login environment", key)
+            continue
+        lines.append(f"{key}={value}")
+    path = work / "deepspeed_env"
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
 def remove_shm_buffers(master_port: str) -> list[Path]:
     """Unlink the shared-memory buffers that DeepSpeed's CPU all-reduce op left for a run; returns them.
 
@@ -175,7 +215,9 @@ def remove_shm_buffers(master_port: str) -> list[Path]:
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (deepspeed/ops/csrc/cpu/comm/
     shm.cpp), and nothing ever unlinks it (DeepSpeed 0.19). The port is fresh per launch, so every CPU launch
     leaked world x 66 MB of RAM: a day of test runs filled 19 GB of /dev/shm, and the swapless machine stalled.
-    Called once the ranks are gone; a GPU launch creates none."""
+    Called once the ranks are gone; a GPU launch creates none, and neither do ranks on several nodes or under
+    srun: the op makes its segment only when the deepspeed launcher's LOCAL_SIZE equals the world size (every
+    CPU rank still builds or loads the op, though)."""
     buffers = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{master_port}_*"))
     for buffer in buffers:
         buffer.unlink(missing_ok=True)
@@ -214,6 +256,8 @@ def run_stage(stage: types.ModuleType, cfg: Any, inputs: list[Artifact], out: Ar
         import torch
         if not torch.cuda.is_available():
             env["DS_ACCELERATOR"] = "cpu"
+    if settings.hostfile:  # ranks on other nodes start from ssh's login environment
+        env["DS_ENV_FILE"] = str(node_env_file(work, env))
     log.info("%s: launching %s", out.ref, " ".join(cmd))
     # The ranks' output goes through this process's logger line by line, so a flow run's logs (Prefect captures
     # the crawl2chat logger) show what the launcher and DeepSpeed print, not only the terminal that started it.
@@ -278,13 +322,17 @@ def child_main(job_path: str) -> None:
     cfg = config_from_dict(stage.Config, job["config"])
     inputs = [Artifact(a["stage"], a["version"], Path(a["path"])) for a in job["inputs"]]
     out = Artifact(job["out"]["stage"], job["out"]["version"], Path(job["out"]["path"]))
+    host = socket.gethostname()
     version = plan_version(stage.NAME, stage.CODE_VERSION, recipe_dict(cfg), inputs)  # as build planned it
     if version != out.version:  # a different checkout on this node, or a config that did not survive JSON
-        raise SystemExit(f"rank {os.environ.get('RANK')}: job {job_path} plans {out.ref} but this code and config "
-                         f"give version {version}: run every node from the same checkout")
-    stats = stage.run(cfg, *inputs, out=out)
-    import torch.distributed as dist  # here: build imports this module for every stage, data stages too
+        raise SystemExit(f"rank {os.environ.get('RANK')} on {host}: job {job_path} plans {out.ref} but this node's "
+                         f"code and config give version {version}: run every node from the same checkout")
+    import torch  # here: build imports this module for every stage, data stages too
+    import torch.distributed as dist
 
+    log.info("rank %s of %s on %s: local rank %s, %d torch threads, %s", os.environ.get("RANK"),
+             os.environ.get("WORLD_SIZE"), host, os.environ.get("LOCAL_RANK"), torch.get_num_threads(), out.ref)
+    stats = stage.run(cfg, *inputs, out=out)
     world = dist.get_world_size() if dist.is_initialized() else 1
     if int(os.environ.get("RANK", 0)) == 0:
         tmp = Path(job["stats"] + ".tmp")
