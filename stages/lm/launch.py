@@ -13,10 +13,12 @@ Launch settings come from the environment, never from a stage Config: how many p
 does not change its version, and one preset runs on a laptop and on a cluster unchanged. That holds because a
 training stage's batch_size counts all ranks: each rank trains batch_size / world sequences a step, cut into
 micro batches with gradient accumulation (trainer.plan_batch), so 1 process and N ranks train on the same
-sequences every step and reach the same model up to float rounding (tests/test_launch.py, tests/test_slurm.py).
+sequences every step and reach the same model up to float rounding (tests/test_launch.py; two nodes:
+tests/test_multinode.py).
 
     CRAWL2CHAT_NPROC=2      processes per node (GPUs per node; CPU processes with DS_ACCELERATOR=cpu).
-                            Unset: 1 without a hostfile (in-process, as before), every slot of the hostfile with one.
+                            Unset: 1 without a hostfile (in-process, as before), every slot of the hostfile with one,
+                            the allocation's tasks per node under srun.
     CRAWL2CHAT_HOSTFILE=H   a DeepSpeed hostfile (`host slots=8` per line): nodes reached over ssh by pdsh
     CRAWL2CHAT_LAUNCHER     deepspeed (default) or srun: inside a Slurm allocation, one task per GPU on every
                             node of the allocation (see infra/slurm/pretrain.sbatch)
@@ -65,7 +67,7 @@ CHILD_MODULE = "stages.lm.launch"  # this file, run by every rank as `python -m`
 # login environment, so a CPU rank would not know DS_ACCELERATOR and would take every core (OMP_NUM_THREADS).
 # PATH: the parent's tools, as srun and the one-node launcher give them. On CPU every rank JIT-builds or loads
 # DeepSpeed's shm op with the first `ninja` on PATH, and two ninja versions (the venv's pip one, a system one)
-# do not trust each other's build log: each rebuilds the op (~40 s) where the other built it last.
+# do not trust each other's build log: each rebuilds the op (35-70 s here) where the other built it last.
 FORWARD_ENV = ("CRAWL2CHAT_", "DS_ACCELERATOR", "OMP_NUM_THREADS", "GLOO_", "NCCL_", "TORCH_", "PATH")
 
 
