@@ -349,7 +349,7 @@ def run(cfg: Config, *inputs: Artifact, out: Artifact) -> dict:
             if cfg.executor == "ray" and executor.get_incomplete_ranks():
                 break  # the completion check below names the unfinished stage
         if cfg.executor == "slurm":
-            wait_for_slurm(executors[-1], logs)
+            wait_for_slurm(executors, logs)
     if earlier_index:
         shutil.rmtree(earlier_index)  # links into other artifacts: not part of this one
     log.info("extract: pipelines finished in %.0f s", time.monotonic() - started)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import queue
 import subprocess
 import sys
@@ -16,13 +17,18 @@ from copy import deepcopy
 from pathlib import Path
 
 import loguru._better_exceptions
-from datatrove.executor import LocalPipelineExecutor
+from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.utils.logging import logger
 from datatrove.utils.stats import PipelineStats
 
 from stages.common import StageError, progress
 
+log = logging.getLogger("crawl2chat")
+
 PROGRESS_EVERY_S = 2.0  # how often finished tasks are counted (a glob per pipeline)
+SLURM_POLL_S = 30.0  # Slurm's own scheduling granularity is tens of seconds; polling faster gains nothing
+SQUEUE_TRIES = 10  # squeue failing this many polls in a row (5 min at 30 s: slurmctld down, not restarting) is fatal
+SQUEUE_TIMEOUT_S = 120  # one squeue call; it waits for an unreachable slurmctld MessageTimeout at a time, retrying
 
 # datatrove adds three loguru handlers per task (stderr and the task's log file, then stderr again when the task
 # ends), and loguru builds an ExceptionFormatter for each, which asks sysconfig for the standard library's
@@ -69,6 +75,14 @@ class LocalExecutor(LocalPipelineExecutor):
         return stats
 
 
+class SlurmExecutor(SlurmPipelineExecutor):
+    """datatrove's SlurmPipelineExecutor without its merge_stats job: the stage sums logs/<pipeline>/stats/*.json itself
+    (stage_totals), and after a failed task that job would stay queued forever, waiting on its afterok dependency."""
+
+    def launch_merge_stats(self):
+        pass
+
+
 def make_executor(cfg, stage: str, steps: list, tasks: int, logs: Path, depends):
     """One datatrove executor per stage; `depends` makes it wait for (and, if not yet launched, launch) the previous."""
     if cfg.executor == "local":
@@ -84,26 +98,57 @@ def make_executor(cfg, stage: str, steps: list, tasks: int, logs: Path, depends)
         # datatrove asks Ray for 2 GB per task by default; a node that cannot offer it would queue tasks forever
         return RayPipelineExecutor(steps, tasks=tasks, workers=-1, logging_dir=str(logs), depends=depends,
                                    cpus_per_task=cfg.slurm_cpus_per_task, mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb)
-    from datatrove.executor import SlurmPipelineExecutor
-
     activate = Path(sys.prefix) / "bin" / "activate"  # the compute nodes run this same venv (on shared storage)
-    return SlurmPipelineExecutor(steps, tasks=tasks, time=cfg.slurm_time, partition=cfg.slurm_partition,
-                                 cpus_per_task=cfg.slurm_cpus_per_task, mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb,
-                                 job_name=f"extract-{stage}", logging_dir=str(logs), depends=depends,
-                                 venv_path=str(activate) if activate.is_file() else None, mail_type="NONE")
+    # sbatch passes this process's environment on (datatrove adds --export=ALL), SLURM_CONF included, so the tasks'
+    # srun and scontrol find the same cluster
+    return SlurmExecutor(steps, tasks=tasks, time=cfg.slurm_time, partition=cfg.slurm_partition,
+                         cpus_per_task=cfg.slurm_cpus_per_task, mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb,
+                         job_name=f"extract-{stage}", logging_dir=str(logs), depends=depends,
+                         venv_path=str(activate) if activate.is_file() else None, mail_type="NONE")
 
 
-def wait_for_slurm(last, logs: Path) -> None:
-    """sbatch returns at once; the stage contract wants finished work, so poll the last stage's completion markers
-    and stop with an error once its job array has left the queue unfinished, or waits on a stage that failed."""
-    while last.get_incomplete_ranks():
-        time.sleep(30)  # Slurm's own scheduling granularity is tens of seconds; polling faster gains nothing
-        reasons = subprocess.run(["squeue", "-h", "-j", str(last.job_id), "-o", "%r"], capture_output=True,
-                                 text=True).stdout  # one line per pending or running task; empty once it left
-        if "DependencyNeverSatisfied" in reasons or (not reasons.strip() and last.get_incomplete_ranks()):
-            raise StageError(f"Slurm job {last.job_id} cannot finish (a stage before it failed, or it left the queue "
-                             f"unfinished): read {logs}/*/slurm_logs, `scancel {last.job_id}` if it is still queued, "
-                             f"and re-run the stage (finished tasks are skipped)")
+def wait_for_slurm(executors: list, logs: Path) -> None:
+    """sbatch returns at once; the stage contract wants finished work, so poll until the last pipeline's completion
+    markers are all there. Stop with an error once a job array of the chain has left the queue unfinished or can
+    never start (afterok on an array with a failed or cancelled task), cancelling the arrays queued behind it, which
+    could never start either; and when squeue fails SQUEUE_TRIES polls in a row. A failed squeue is retried, never
+    read as an empty queue."""
+    jobs = {str(e.job_id): e for e in executors if e.job_id not in (None, -1)}  # -1: all done, nothing submitted
+    failures = 0
+    while executors[-1].get_incomplete_ranks():
+        time.sleep(SLURM_POLL_S)
+        # Every job of this user, filtered here: `squeue -j` fails for a job slurmctld has forgotten (MinJobAge,
+        # 300 s by default, after it ended), which would look like slurmctld being down. One line per pending array or running task:
+        # the array's job id (%F) and the reason it waits (DependencyNeverSatisfied, Dependency, Priority, None).
+        try:
+            squeue = subprocess.run(["squeue", "--me", "-h", "-o", "%F %r"], capture_output=True, text=True,
+                                    timeout=SQUEUE_TIMEOUT_S)
+            error = (squeue.stderr.strip() or f"exit status {squeue.returncode}") if squeue.returncode else ""
+        except (OSError, subprocess.TimeoutExpired) as e:
+            error = str(e)
+        if error:
+            failures += 1
+            if failures >= SQUEUE_TRIES:
+                raise StageError(f"squeue failed {failures} times in a row ({error}), so the stage cannot tell "
+                                 f"whether Slurm jobs {', '.join(jobs)} still run: check slurmctld (`scontrol ping`), "
+                                 f"then re-run the stage (finished tasks are skipped)")
+            log.warning("squeue failed (%s); asking again in %.0f s", error, SLURM_POLL_S)
+            continue
+        failures = 0
+        queued: dict[str, set[str]] = {}
+        for line in squeue.stdout.splitlines():
+            job, _, reason = line.strip().partition(" ")
+            queued.setdefault(job, set()).add(reason)
+        stuck = [job for job, e in jobs.items() if "DependencyNeverSatisfied" in queued.get(job, ())
+                 or (job not in queued and e.get_incomplete_ranks())]
+        if stuck:
+            behind = [job for job in list(jobs)[list(jobs).index(stuck[0]):] if job in queued]
+            if behind:
+                subprocess.run(["scancel", *behind], capture_output=True, timeout=SQUEUE_TIMEOUT_S)
+            names = ", ".join(f"{jobs[job].job_name} ({job})" for job in stuck)
+            raise StageError(f"Slurm job array {names} cannot finish: a task failed or was cancelled (read "
+                             f"{logs}/<pipeline>/slurm_logs and logs/); cancelled the arrays queued behind it "
+                             f"({', '.join(behind) or 'none'}); re-run the stage (finished tasks are skipped)")
 
 
 def stage_totals(stats_dir: Path) -> list[Counter]:
