@@ -118,8 +118,8 @@ def wait_for_slurm(executors: list, logs: Path) -> None:
     while executors[-1].get_incomplete_ranks():
         time.sleep(SLURM_POLL_S)
         # Every job of this user, filtered here: `squeue -j` fails for a job slurmctld has forgotten (MinJobAge,
-        # 300 s by default, after it ended), which would look like slurmctld being down. One line per pending array or running task:
-        # the array's job id (%F) and the reason it waits (DependencyNeverSatisfied, Dependency, Priority, None).
+        # 300 s by default, after it ended), which would look like slurmctld being down. One line per pending
+        # array or running task: the array's job id (%F) and why it waits (Dependency, DependencyNeverSatisfied, ...).
         try:
             squeue = subprocess.run(["squeue", "--me", "-h", "-o", "%F %r"], capture_output=True, text=True,
                                     timeout=SQUEUE_TIMEOUT_S)

@@ -7,7 +7,6 @@ The cluster tests skip without root or Slurm (`bash infra/ci/install-services.sh
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 import time
