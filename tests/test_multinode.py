@@ -9,12 +9,9 @@ Either way each rank must run on its own node, and the committed artifact must b
 same recipe: the same version, per-step losses and val loss equal to float rounding.
 
 Every CPU rank JIT-builds or loads DeepSpeed's shm op, one per node too (it only uses it when all ranks share a
-machine). The ranks here run with the venv's bin first on PATH, as the sbatch script's `activate` puts it, so
-with the venv's ninja; the rest of the suite runs with PATH's (`make test` does not activate), and the two ninja
-versions rebuild each other's builds (35-70 s each). So these runs build into their own TORCH_EXTENSIONS_DIR:
-~70 s once per machine (measured here), then cached, and the shared build folder is left alone. With it built:
-~60 s for the module on 2 cores (cluster up, shards and the one-process run ~15 s, the Slurm job ~17 s, the
-hostfile run ~22 s).
+machine), with the venv's ninja (stages/lm/trainer.py puts the venv's bin first on PATH), so they load the build
+the rest of the suite made. ~60 s for the module on 2 cores (cluster up, shards and the one-process run ~15 s,
+the Slurm job ~17 s, the hostfile run ~22 s).
 """
 
 import dataclasses
@@ -44,7 +41,6 @@ SETTINGS = {"depth": "1", "aspect_ratio": "32", "head_dim": "32", "seq_len": "64
 CFG = apply_overrides(pretrain.Config(), SETTINGS, "pretrain")
 ARGS = [a for k, v in SETTINGS.items() for a in ("--set", f"{k}={v}")]
 INPUTS = ["--input", "tokenize_shards", "--input", "train_tokenizer"]
-EXTENSIONS = Path.home() / ".cache" / "torch_extensions_venv_ninja"  # see above
 RANK_LINE = re.compile(r"rank (\d+) of (\d+) on (\S+): local rank \d+, (\d+) torch threads")
 
 
@@ -75,7 +71,7 @@ def launch_env(cluster, **extra: str) -> dict[str, str]:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     path = f"{cluster.state_dir / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}"  # ssh wrapper, venv
-    return {**env, **cluster.env, "PATH": path, "TORCH_EXTENSIONS_DIR": str(EXTENSIONS), "OMP_NUM_THREADS": "1",
+    return {**env, **cluster.env, "PATH": path, "OMP_NUM_THREADS": "1",
             "DS_ACCELERATOR": "cpu", "CRAWL2CHAT_MASTER_PORT": port, **extra}
 
 

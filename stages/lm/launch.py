@@ -65,9 +65,8 @@ CHILD_MODULE = "stages.lm.launch"  # this file, run by every rank as `python -m`
 # Variables (names or prefixes) the ranks on other nodes need from the parent's environment. DeepSpeed's pdsh
 # launcher passes on only PYTHON*, UCX*, MLFLOW*, MV2* (and NCCL* on CUDA): over ssh a rank otherwise has the
 # login environment, so a CPU rank would not know DS_ACCELERATOR and would take every core (OMP_NUM_THREADS).
-# PATH: the parent's tools, as srun and the one-node launcher give them. On CPU every rank JIT-builds or loads
-# DeepSpeed's shm op with the first `ninja` on PATH, and two ninja versions (the venv's pip one, a system one)
-# do not trust each other's build log: each rebuilds the op (35-70 s here) where the other built it last.
+# PATH: the parent's tools, as srun and the one-node launcher give them (the venv's ninja first: trainer.py says
+# why).
 FORWARD_ENV = ("CRAWL2CHAT_", "DS_ACCELERATOR", "OMP_NUM_THREADS", "GLOO_", "NCCL_", "TORCH_", "PATH")
 
 

@@ -23,6 +23,7 @@ import pickle
 import shutil
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,16 @@ import torch
 
 if not torch.cuda.is_available():  # must happen before DeepSpeed picks its accelerator at import
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# DeepSpeed JIT-builds its ops (on CPU, the shm all-reduce of every deepspeed.initialize) with the first `ninja` on
+# PATH, and two ninja versions do not trust each other's build log: the venv's (pip, a DeepSpeed dependency) and a
+# system one (Debian's 1.11 against pip's 1.13 here) each rebuilt the op where the other built it last, 35-70 s a
+# time, whenever one run had the venv activated (sbatch scripts, a shell) and another not (`make test`). The venv's
+# bin goes first, as `activate` would put it, so every process of a run, launched ranks included (they inherit
+# PATH, and stages/lm/launch.py forwards it over ssh), builds with the same ninja.
+_VENV_BIN = os.path.dirname(sys.executable)
+if os.path.exists(os.path.join(_VENV_BIN, "ninja")) and os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
+    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
 import deepspeed  # noqa: E402
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
