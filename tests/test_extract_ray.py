@@ -97,8 +97,7 @@ def ray_on_two_nodes(slurm_cluster):
 def test_ray_on_two_nodes_matches_local(slurm_cluster, ray_on_two_nodes, download_artifact, local_run, tmp_path):
     # The stage's driver runs in c2c-node1 as on a cluster's head node, its outputs on the shared filesystem
     cmd = [sys.executable, "-c", DRIVER, str(tmp_path), str(download_artifact.path)]
-    driver = slurm_cluster.run_on("c2c-node1", cmd,
-                                  env=ray_on_two_nodes, cwd=REPO, timeout=300)
+    driver = slurm_cluster.run_on("c2c-node1", cmd, env=ray_on_two_nodes, cwd=REPO, timeout=300)
     assert driver.returncode == 0, driver.stderr[-5000:]
     result = json.loads(driver.stdout.split("RESULT ", 1)[1])
     assert_same_output(result["stats"], tmp_path / "ray", local_run)
