@@ -146,9 +146,13 @@ def wait_for_slurm(executors: list, logs: Path) -> None:
             if behind:
                 subprocess.run(["scancel", *behind], capture_output=True, timeout=SQUEUE_TIMEOUT_S)
             names = ", ".join(f"{jobs[job].job_name} ({job})" for job in stuck)
+            # arrays before the stuck one may still run tasks; a re-run now would submit those tasks a second time
+            running = [job for job in jobs if job in queued and job not in behind]
+            wait = (f"wait until jobs {', '.join(running)} have left the queue (`squeue --me`), then " if running
+                    else "")
             raise StageError(f"Slurm job array {names} cannot finish: a task failed or was cancelled (read "
                              f"{logs}/<pipeline>/slurm_logs and logs/); cancelled the arrays queued behind it "
-                             f"({', '.join(behind) or 'none'}); re-run the stage (finished tasks are skipped)")
+                             f"({', '.join(behind) or 'none'}); {wait}re-run the stage (finished tasks are skipped)")
 
 
 def stage_totals(stats_dir: Path) -> list[Counter]:

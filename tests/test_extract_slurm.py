@@ -145,6 +145,12 @@ def test_cancelled_task_fails_the_stage_and_a_rerun_finishes_the_rest(on_cluster
         run_extract(tmp_path, download_artifact, "slurm", **SLURM)
     canceller.join(timeout=5)
     assert cancelled and cancelled[1] in ("PENDING", "RUNNING"), cancelled
+    # as the error says: the stage may stop while task 0 of minhash_signature still runs; a re-run before it ends
+    # would submit it again
+    deadline = time.monotonic() + 120
+    while subprocess.run(["squeue", "--me", "-h"], capture_output=True, text=True, timeout=30).stdout.strip():
+        assert time.monotonic() < deadline, "the cancelled chain's jobs did not leave the queue in 120 s"
+        time.sleep(0.5)
     assert sorted(p.name for p in (logs / "minhash_signature" / "completions").iterdir()) == ["00000"]
     assert not (logs / "minhash_index" / "completions").exists()
     launched = {stage: (logs / stage / "ranks_to_run.json").stat().st_mtime_ns for stage in ("filter", "exact_find")}
