@@ -45,10 +45,10 @@ def test_ppo_resumes_mid_batch_like_an_uninterrupted_run(world, tmp_path, monkey
 
     real_step = trainer.train_step
 
-    def crashing_step(engine, micro_batches, loss_fn, cfg, step, total):
+    def crashing_step(engine, micro_batches, loss_fn, cfg, step, total, count_fn=None):
         if step == CRASH_AT:
             raise Crash(f"crash before optimizer step {step + 1}")
-        return real_step(engine, micro_batches, loss_fn, cfg, step, total)
+        return real_step(engine, micro_batches, loss_fn, cfg, step, total, count_fn=count_fn)
 
     out = Artifact("rl", "crash", tmp_path / "b")
     monkeypatch.setattr(trainer, "train_step", crashing_step)

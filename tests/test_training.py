@@ -142,10 +142,10 @@ def test_pretrain_resumes_from_its_checkpoint(world, tmp_path, monkeypatch):
     real_step = trainer.train_step
     calls = []
 
-    def crashing_step(engine, micro_batches, loss_fn, c, step, total):
+    def crashing_step(engine, micro_batches, loss_fn, c, step, total, count_fn=None):
         if step == 14:
             raise RuntimeError("simulated crash at step 15")
-        calls.append(real_step(engine, micro_batches, loss_fn, c, step, total))
+        calls.append(real_step(engine, micro_batches, loss_fn, c, step, total, count_fn=count_fn))
         return calls[-1]
 
     monkeypatch.setattr(trainer, "train_step", crashing_step)
@@ -156,7 +156,7 @@ def test_pretrain_resumes_from_its_checkpoint(world, tmp_path, monkeypatch):
     first_run = list(calls)
 
     calls.clear()
-    monkeypatch.setattr(trainer, "train_step", lambda *a: calls.append(real_step(*a)) or calls[-1])
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **kw: calls.append(real_step(*a, **kw)) or calls[-1])
     stats = pretrain.run(cfg, world["shards"], world["tok"], out=out)
     assert [m["step"] for m in calls] == list(range(11, 21))  # resumed at step 10: ten steps left
     curve_steps = [h["step"] for h in stats["curve"]]

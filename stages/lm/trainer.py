@@ -478,7 +478,7 @@ def fit(engine, cfg: TrainConfig, total: int, loader, loss_fn, ckpt_dir: Path, t
         while step < total:
             t0 = time.perf_counter()
             metrics = train_step(engine, [next(loader) for _ in range(cfg.grad_accum)], loss_fn, cfg, step, total,
-                                 count_fn)
+                                 count_fn=count_fn)
             step = metrics["step"]
             if tokens_per_step:  # only pretrain's steps have a fixed token count; the others log no tok/s
                 metrics["tokens_per_s"] = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
