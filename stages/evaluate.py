@@ -49,7 +49,7 @@ class Config:
     prompts: str = str(REPO / "data/preferences/hh-rlhf-pairs.800.jsonl")   # for reward score and win rate
     reward_prompts: int = 32      # the last N first-turn prompts of the file (RL may have trained on some)
     reward_max_new_tokens: int = 48
-    val_batches: int = 20         # val batches of 16 sequences for bits per byte
+    val_sequences: int = 320      # val windows (the model's seq_len tokens each) for bits per byte
 
     def __post_init__(self):
         if min(self.hellaswag_items, self.gsm8k_items, self.reward_prompts) < 0:
@@ -165,7 +165,7 @@ def run(cfg: Config, model_art: Artifact, *context: Artifact, out: Artifact) -> 
 
         shards = by_stage["tokenize_shards"][0]
         check_tokenizer(ShardIndex.load(shards.path), meta["tokenizer_sha256"])
-        ev = evaluate_lm(model, shards.path, model.cfg.seq_len, 16, cfg.val_batches, token_bytes(tok))
+        ev = evaluate_lm(model, shards.path, model.cfg.seq_len, 16, cfg.val_sequences, token_bytes(tok))
         row.update(val_loss=ev["val_loss"], val_bpb=ev["val_bpb"])
     if cfg.hellaswag_items:
         row.update(hellaswag(model, tok, cfg.hellaswag, cfg.hellaswag_items))

@@ -97,6 +97,8 @@ def test_every_stage_committed_with_its_numbers(first_run):
     assert {"val_reward_before", "val_reward_after", "val_kl_to_reference"} <= rl.keys()
     card = stats(store, "evaluate")["report_card"].splitlines()  # base -> sft -> rl, one row each
     assert [row.split("|")[1].strip().split("/")[0] for row in card[2:]] == ["pretrain", "sft", "rl"]
+    # evaluate measures the base model on the same 320 val windows as pretrain's own figure (tiny preset)
+    assert float(card[2].split("|")[2]) == pytest.approx(base["val_bpb"], abs=1e-4)
     assert 0 <= stats(store, "evaluate")["win_rate_vs_sft"] <= 1
 
 
