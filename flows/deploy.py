@@ -16,7 +16,7 @@ Everything here talks to the server in PREFECT_API_URL (the CLI sets it from `cr
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from prefect import flow
@@ -60,18 +60,32 @@ def train(stage: str = "pretrain", preset: str = "tiny", overrides: list[str] = 
     therefore reused (a plan and a manifest read each), so only `stage` itself runs on this worker."""
     if stage not in TRAINING:
         raise StageError(f"train runs one of {', '.join(TRAINING)}, not '{stage}': pick one of those")
+    from prefect.runtime import flow_run
+
     from flows.pipeline import end_to_end  # torch and the stages: only on the worker that runs it
+    from stages.artifacts import ArtifactStore
 
-    return end_to_end(preset=preset, overrides=list(overrides), source=source, until=stage, root=root)
+    built = end_to_end(preset=preset, overrides=list(overrides), source=source, until=stage, root=root)
+    # for run_training on the cpu pool: which version this run made (see there why it must ask)
+    ArtifactStore(root).set_alias(stage, run_alias(flow_run.get_id()), built[-1].split("/")[1])
+    return built
 
 
-def run_training(stage: str, preset: str, overrides: list[str], source: str | None, root: str,
-                 deployment: str = TRAIN) -> None:
-    """From inside the end-to-end flow: run `stage` as a run of the `train` deployment (gpu pool) and wait.
+def run_alias(run_id) -> str:
+    return f"run-{run_id}"
+
+
+def run_training(stage: str, cfg, preset: str, overrides: list[str], source: str | None, root: str,
+                 deployment: str = TRAIN):
+    """From inside the end-to-end flow: run `stage` as a run of the `train` deployment (gpu pool) and wait; returns
+    `cfg` as that run resolved it.
 
     The end-to-end flow then calls run_stage for the same stage as always, which finds the artifact this run
-    committed and reuses it. Needs an artifact root both pools reach (a shared volume, or an fsspec URL such
-    as s3://...). The run is a subflow of the caller's run in the UI, and can be cancelled or retried alone.
+    committed and reuses it. That needs the same version, and precision="auto" enters the version as the machine
+    that builds resolves it (bf16 on the GPU worker, fp32 on this CPU one), so the precision comes from the
+    artifact's manifest, found through the alias run-<id> the train run set. Needs an artifact root both pools
+    reach (a shared volume, or an fsspec URL such as s3://...). The run is a subflow of the caller's run in the
+    UI, and can be cancelled or retried alone.
     """
     from prefect import get_run_logger
     from prefect.deployments import run_deployment
@@ -84,6 +98,14 @@ def run_training(stage: str, preset: str, overrides: list[str], source: str | No
     if not run.state or not run.state.is_completed():
         raise StageError(f"the {stage} run {run.name} on the gpu pool ended {run.state.name if run.state else '?'}"
                          f": see it in the Prefect UI, fix it, and run again (committed stages are reused)")
+    from stages.artifacts import ArtifactStore
+
+    store = ArtifactStore(root)
+    version = store.read_alias(stage, run_alias(run.id))
+    if version is None:
+        raise StageError(f"the {stage} run {run.name} completed but left no alias {stage}/{run_alias(run.id)} in "
+                         f"{store.location}: do both pools use the same artifact root?")
+    return replace(cfg, precision=store.manifest(stage, version)["config"]["precision"])
 
 
 # ---- talking to the server -----------------------------------------------------------------------------------

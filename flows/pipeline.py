@@ -54,9 +54,10 @@ def end_to_end(preset: str = "tiny", overrides: list[str] = (), source: str | No
 
     def stage(module, *inputs, slot: str | None = None):
         """slot: the PipelineConfig field of a stage that runs with several configs (the imports)."""
-        if train_on and module.NAME in TRAINING:
-            run_training(module.NAME, preset, list(overrides), source, root, deployment=train_on)
-        art = run_stage(module, cfg.stage(slot or module.NAME), list(inputs), root, slot)
+        stage_cfg = cfg.stage(slot or module.NAME)
+        if train_on and module.NAME in TRAINING:  # -> the config whose version that run committed
+            stage_cfg = run_training(module.NAME, stage_cfg, preset, list(overrides), source, root, train_on)
+        art = run_stage(module, stage_cfg, list(inputs), root, slot)
         built.append(art.ref)
         if until and until in (module.NAME, slot):
             raise _Until

@@ -246,3 +246,20 @@ def test_an_interrupted_parent_ends_the_ranks(world, tmp_path, monkeypatch):
         launch.run_stage(pretrain, CFG, [], out, launch.Launch(nproc=2))
     rank = int(pid_file.read_text())
     assert not psutil.pid_exists(rank) or psutil.Process(rank).status() == psutil.STATUS_ZOMBIE
+
+
+def test_the_other_nodes_get_the_runs_environment(tmp_path, monkeypatch):
+    """A hostfile launch's env file: the user's ~/.deepspeed_env lines, then the forwarded variables; a value the
+    remote shell would expand is left out; DS_ACCELERATOR only when the user chose it (else GPU nodes launched from
+    a machine without a GPU would be told to run on their CPUs)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / ".deepspeed_env").write_text("NCCL_IB_HCA=mlx5\nnot a line\n")
+    monkeypatch.chdir(tmp_path)
+    env = {"OMP_NUM_THREADS": "4", "GLOO_SOCKET_IFNAME": "eth0", "CRAWL2CHAT_X": "a$b", "HOME": "/h",
+           "DS_ACCELERATOR": "cpu", "PATH": "/venv/bin:/usr/bin"}
+    monkeypatch.setattr(trainer, "ACCELERATOR_FROM_USER", False)
+    lines = launch.node_env_file(tmp_path, env).read_text().splitlines()
+    assert lines == ["NCCL_IB_HCA=mlx5", "OMP_NUM_THREADS=4", "GLOO_SOCKET_IFNAME=eth0", "PATH=/venv/bin:/usr/bin"]
+    monkeypatch.setattr(trainer, "ACCELERATOR_FROM_USER", True)
+    assert "DS_ACCELERATOR=cpu" in launch.node_env_file(tmp_path, env).read_text().splitlines()

@@ -14,7 +14,7 @@ import torch
 
 from docs_fixture import build_shards, train_tokenizer
 from stages import import_data, pretrain, reward_model, rl, sft
-from stages.artifacts import Artifact, sha256_file
+from stages.artifacts import Artifact, ArtifactStore, sha256_file
 from stages.common import StageError, build
 from stages.lm import launch, trainer
 from stages.lm.chat import ChatTokenizer
@@ -320,13 +320,21 @@ def two_ranks(monkeypatch):
     assert {"sft", "reward_model"} <= launch.RANK_AWARE
 
 
-def test_sft_and_reward_model_on_two_ranks(world, base, conversations, preferences, two_ranks):
-    chat2 = build(sft, dataclasses.replace(SFT, steps=4, zero_stage=1), [base.artifact, conversations.artifact],
-                  world["store"])
+def test_sft_and_reward_model_on_two_ranks(world, base, conversations, preferences, two_ranks, tmp_path,
+                                          monkeypatch):
+    cfg = dataclasses.replace(SFT, steps=4, zero_stage=1)
+    chat2 = build(sft, cfg, [base.artifact, conversations.artifact], world["store"])
     s = chat2.stats
     assert not chat2.reused and s["world_size"] == 2 and len(s["curve"]) == 4
     assert s["val_assistant_loss"] < s["val_assistant_loss_base"]
     assert load_model(chat2.artifact.path)[1]["stage"] == "sft"  # rank 0 wrote the weights
+    # the same recipe in one process: every assistant token of the batch weighs the same on 1 or 2 ranks
+    monkeypatch.delenv("CRAWL2CHAT_NPROC")
+    chat1 = build(sft, cfg, [base.artifact, conversations.artifact], ArtifactStore(tmp_path / "one"))
+    assert chat1.artifact.version == chat2.artifact.version and chat1.stats["world_size"] == 1
+    one, two = ([h["loss"] for h in c.stats["curve"]] for c in (chat1, chat2))
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+    monkeypatch.setenv("CRAWL2CHAT_NPROC", "2")
     rm_cfg = reward_model.Config(val_fraction=0.1, steps=3, batch_size=4, lr=1e-3, warmup_steps=1,
                                  zero_stage=1, precision="fp32")
     rm2 = build(reward_model, rm_cfg, [chat2.artifact, preferences.artifact], world["store"])

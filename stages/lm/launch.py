@@ -62,6 +62,7 @@ LAUNCHERS = ("deepspeed", "srun")
 DEFAULT_PORT = 29500  # torch.distributed's usual port; only used across nodes, where a free local one won't do
 JOB, STATS = "job.json", "stats.json"
 CHILD_MODULE = "stages.lm.launch"  # this file, run by every rank as `python -m`
+IN_RANK_ENV = "CRAWL2CHAT_IN_LAUNCHED_RANK"  # set by child_main: this process is one rank of a launched job
 # Variables (names or prefixes) the ranks on other nodes need from the parent's environment. DeepSpeed's pdsh
 # launcher passes on only PYTHON*, UCX*, MLFLOW*, MV2* (and NCCL* on CUDA): over ssh a rank otherwise has the
 # login environment, so a CPU rank would not know DS_ACCELERATOR and would take every core (OMP_NUM_THREADS).
@@ -120,7 +121,9 @@ class Launch:
 
 def wants_launch(stage: types.ModuleType, cfg: Any, settings: Launch) -> bool:
     """Whether build should hand this stage to run_stage instead of calling stage.run in-process."""
-    if not settings.distributed or "RANK" in os.environ:  # already one rank of a launched job: stay put
+    # Not "RANK" in os.environ: a stage trained in-process sets RANK=0 for DeepSpeed (trainer.make_engine) and
+    # leaves it, so every later build in that process (a flow's next stage) would silently stay in-process.
+    if not settings.distributed or os.environ.get(IN_RANK_ENV):  # already one rank of a launched job: stay put
         return False
     if stage.NAME not in RANK_AWARE:
         if "TrainConfig" in {c.__name__ for c in type(cfg).__mro__}:
@@ -188,7 +191,7 @@ def node_env_file(work: Path, env: typing.Mapping[str, str]) -> Path:
 
     DeepSpeed's runner exports, besides its own prefixes, the NAME=value lines of ~/.deepspeed_env and
     ./.deepspeed_env (DS_ENV_FILE renames them). This file holds those lines, then the FORWARD_ENV variables of
-    `env`; the parent points DS_ENV_FILE at it (an absolute path, so both of the runner's look-ups read it).
+    `env` (DS_ACCELERATOR only when the user set it: trainer.ACCELERATOR_FROM_USER); the parent points DS_ENV_FILE at it (an absolute path, so both of the runner's look-ups read it).
     The runner puts each value in double quotes on the remote command line: values with characters the shell
     would still expand there are left out, with a warning."""
     name = env.get("DS_ENV_FILE", ".deepspeed_env")
@@ -196,8 +199,10 @@ def node_env_file(work: Path, env: typing.Mapping[str, str]) -> Path:
     for folder in dict.fromkeys([Path.home(), Path.cwd()]):  # the user's own files, as the runner reads them
         if (folder / name).is_file():
             lines += [line for line in (folder / name).read_text().splitlines() if "=" in line]
+    from stages.lm.trainer import ACCELERATOR_FROM_USER  # DeepSpeed's import is not for every stage's build
+
     for key, value in env.items():
-        if not key.startswith(FORWARD_ENV):
+        if not key.startswith(FORWARD_ENV) or (key == "DS_ACCELERATOR" and not ACCELERATOR_FROM_USER):
             continue
         if any(c in value for c in '"$`\\\n'):
             log.warning("%s is not passed on to the other nodes: its value has characters the remote shell "
@@ -317,6 +322,7 @@ def config_from_dict(cls: type, values: dict) -> Any:
 
 
 def child_main(job_path: str) -> None:
+    os.environ[IN_RANK_ENV] = "1"
     _env_from_slurm()  # a no-op when the deepspeed launcher already set RANK
     job = json.loads(Path(job_path).read_text())
     stage = importlib.import_module(job["stage_module"])

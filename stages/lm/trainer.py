@@ -30,6 +30,9 @@ from pathlib import Path
 
 import torch
 
+# Whether DS_ACCELERATOR is the user's (or a launcher's) choice rather than the default below: launch.py passes it
+# on to the ranks of other nodes only then, so GPU nodes launched from a machine without one still pick CUDA.
+ACCELERATOR_FROM_USER = "DS_ACCELERATOR" in os.environ
 if not torch.cuda.is_available():  # must happen before DeepSpeed picks its accelerator at import
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -121,15 +124,15 @@ def use_bf16(cfg: TrainConfig) -> bool:
     return resolve_precision(cfg.precision) == "bf16"
 
 
-def plan_batch(cfg: TrainConfig, model: torch.nn.Module | None = None, seqs_per_example: int = 1,
-               max_micro: int | None = None) -> TrainConfig:
+def plan_batch(cfg: TrainConfig, model: torch.nn.Module | None = None, seqs_per_example: int = 1) -> TrainConfig:
     """cfg with micro_batch_size and grad_accum for this world, keeping batch_size (the recipe) exact.
 
     micro_batch_size=0 picks: on a GPU, the largest divisor of the per-rank batch whose estimated memory (weights,
     gradients, optimizer state after ZeRO's partitioning, activations and logits of one micro batch:
     memory.training_bytes) fits the device; elsewhere the whole per-rank batch. A micro batch given explicitly is
     checked the same way on a GPU. Fails before step 1 with the setting to change. seqs_per_example: sequences a
-    model sees per example (2 for a preference pair); max_micro caps the pick."""
+    model sees per example (2 for a preference pair). Each rank plans for itself: ranks on GPUs of different sizes
+    would pick different micro batches, so keep a job's GPUs alike or set micro_batch_size."""
     _, world = rank_world()
     if cfg.grad_accum:
         raise StageError(f"grad_accum={cfg.grad_accum} is derived, not set: set batch_size (sequences per optimizer "
@@ -144,9 +147,7 @@ def plan_batch(cfg: TrainConfig, model: torch.nn.Module | None = None, seqs_per_
                          f"{per_rank}, or 0 to choose automatically")
     on_gpu = torch.cuda.is_available() and model is not None and memory.gpt_config(model) is not None
     if not on_gpu:  # CPU runs are smoke runs and tests: no estimate, the whole per-rank batch at once
-        micro = cfg.micro_batch_size or min(per_rank, max_micro or per_rank)
-        while per_rank % micro:
-            micro -= 1
+        micro = cfg.micro_batch_size or per_rank
         return dataclasses.replace(cfg, micro_batch_size=micro, grad_accum=per_rank // micro)
 
     budget = memory.budget_bytes(device())
@@ -161,7 +162,7 @@ def plan_batch(cfg: TrainConfig, model: torch.nn.Module | None = None, seqs_per_
                              f"preflight estimate, more than the {budget / 2**30:.0f} GiB this GPU offers: lower "
                              f"micro_batch_size, or set it to 0 to pick the largest that fits")
     else:
-        divisors = [d for d in range(min(per_rank, max_micro or per_rank), 0, -1) if per_rank % d == 0]
+        divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]
         micro = next((d for d in divisors if need(d) <= budget), 0)
         if not micro:
             raise StageError(f"not even one sequence per micro batch fits this GPU: about {need(1) / 2**30:.0f} GiB "
@@ -364,9 +365,9 @@ def train_step(engine, micro_batches, loss_fn, cfg: TrainConfig, step: int, tota
     norm = float(ds_norm) if ds_norm is not None else (norm or 0.0)
     loss = loss_sum / cfg.grad_accum
     if world > 1:  # the whole batch's loss, as one rank would log it, not this rank's share of the batch
-        total = torch.tensor(loss, dtype=torch.float64, device=engine.device)
-        torch.distributed.all_reduce(total)
-        loss = total.item() / world
+        summed = torch.tensor(loss, dtype=torch.float64, device=engine.device)
+        torch.distributed.all_reduce(summed)
+        loss = summed.item() / world
     return {"step": step + 1, "loss": loss, "grad_norm": norm, "lr": lr}
 
 
