@@ -13,7 +13,7 @@ then the `COMMITTED` marker, fsyncs the directories, and only then makes the art
 the staging directory into place (one atomic rename, then an fsync of the parent so the rename survives a power
 loss), on an object store by uploading the files, the manifest and the marker last. Readers only trust
 directories that hold the marker. A crash at any point leaves either no artifact (the next run resumes from
-staging) or a complete one (tests/test_artifacts.py kills the committing process between every two steps).
+staging) or a complete one (tests/test_store_concurrency.py kills the committing process between every two steps).
 
 `root` is a local path or any fsspec URL (s3://, gs://, memory:// in tests). Stages always read and write
 local directories: artifacts on a remote root are materialised into a local cache (checked against their
@@ -194,10 +194,12 @@ class ArtifactStore:
         its staging directory). Distinct recipes have distinct locks and never wait on each other.
 
         flock, not a lock file's existence: the kernel releases it when the holder exits however it exits
-        (SIGKILL, OOM, a node's crash on NFS, where Linux maps flock to NFS byte-range locks), so a dead
-        builder's lock is taken over at once instead of waited on forever. The file keeps the holder's host and
-        pid for the message on_wait(holder) gets. A remote store's staging, and so its lock, is in this machine's
-        cache: there it serialises the runs of one machine."""
+        (SIGKILL, OOM), so a dead builder's lock is taken over at once instead of waited on forever (tested with
+        processes on one machine). On NFS, Linux maps flock to the server's byte-range locks (unless the mount
+        says local_lock=flock, which makes them local to each machine), and the server frees a crashed client's
+        locks when its lease expires; that was not tested here. The file keeps the holder's host and pid for the
+        message on_wait(holder) gets. A remote store's staging, and so its lock, is in this machine's cache:
+        there it serialises the runs of one machine."""
         lock_path = self.staging_path(stage, version).with_name(f"{version}.lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(lock_path, "a+") as lock:
@@ -405,6 +407,7 @@ class ArtifactStore:
                 _crash_point("renamed")
                 fsync_path(Path(final).parent)  # the rename itself is durable now
                 fsync_path(staging.parent)
+                # read-only only now: a crash before the rename leaves staging writable for the run that resumes it
                 for p in Path(final).rglob("*"):  # committed artifacts are never modified: make that the default
                     if p.is_file():
                         p.chmod(0o444)

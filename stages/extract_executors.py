@@ -115,6 +115,10 @@ def wait_for_slurm(executors: list, logs: Path) -> None:
     read as an empty queue."""
     jobs = {str(e.job_id): e for e in executors if e.job_id not in (None, -1)}  # -1: all done, nothing submitted
     failures = 0
+    # Arrays that had left the queue with tasks unfinished at the previous poll. One sighting is not enough: on
+    # shared storage (NFS caches attributes and lookups) the completion markers a node just wrote can show here a
+    # little later than Slurm reports the job gone.
+    gone_unfinished: set[str] = set()
     while executors[-1].get_incomplete_ranks():
         time.sleep(SLURM_POLL_S)
         # Every job of this user, filtered here: `squeue -j` fails for a job slurmctld has forgotten (MinJobAge,
@@ -139,8 +143,10 @@ def wait_for_slurm(executors: list, logs: Path) -> None:
         for line in squeue.stdout.splitlines():
             job, _, reason = line.strip().partition(" ")
             queued.setdefault(job, set()).add(reason)
-        stuck = [job for job, e in jobs.items() if "DependencyNeverSatisfied" in queued.get(job, ())
-                 or (job not in queued and e.get_incomplete_ranks())]
+        gone = {job for job, e in jobs.items() if job not in queued and e.get_incomplete_ranks()}
+        stuck = [job for job in jobs if "DependencyNeverSatisfied" in queued.get(job, ())
+                 or job in gone & gone_unfinished]
+        gone_unfinished = gone
         if stuck:
             behind = [job for job in list(jobs)[list(jobs).index(stuck[0]):] if job in queued]
             if behind:

@@ -20,10 +20,13 @@ rollout (prompt, completion, reward, KL, step, rank) is written to rollouts/step
 run can be audited and re-scored. GRPO takes one gradient step per rollout batch; PPO takes ppo_epochs x
 ppo_minibatches.
 
-Several ranks (stages/lm/launch.py): as in sft, batch sizes count all ranks together, so the ranks only change
-speed. Each rank samples its own prompts_per_step / world prompts of every rollout batch (a seeded draw of
-prompts_per_step distinct prompts, cut into one slice per rank) with all of each prompt's group_size completions,
-so a GRPO group never spans ranks, and DeepSpeed averages the ranks' gradients. DPO splits its pairs by rank (ExampleLoader). Every rank
+Several ranks (stages/lm/launch.py): as in sft, batch sizes count all ranks together. Each rank samples its own
+prompts_per_step / world prompts of every rollout batch (a seeded draw of prompts_per_step distinct prompts, cut
+into one slice per rank) with all of each prompt's group_size completions, so a GRPO group never spans ranks, and
+DeepSpeed averages the ranks' gradients. Unlike pretrain and sft, GRPO and PPO do not yet train the same model on
+any number of ranks: the sampling seed is per (step, rank), the losses average tokens per rank, and PPO whitens
+its advantages per rank, so a run on N ranks draws other samples than one process (same distribution, another
+draw) under the same version. DPO does (its pairs, like sft's rows, are cut from one global batch). DPO splits its pairs by rank (ExampleLoader). Every rank
 evaluates the same held-out prompts greedily (identical weights, identical results); rank 0 writes the model
 and reads every rank's rollout files for the stats.
 """

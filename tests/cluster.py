@@ -27,7 +27,8 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "infra" / "cluster" / "local_cluster.sh"
 LOCK = "/tmp/crawl2chat-local-cluster.lock"
-NEEDS = ("ip", "unshare", "munged", "slurmctld", "slurmd", "sbatch", "/usr/sbin/sshd", "pdsh")
+NEEDS = ("ip", "unshare", "munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol",
+         "scancel", "/usr/sbin/sshd", "ssh-keygen", "pdsh")
 
 
 @dataclass
@@ -87,6 +88,11 @@ def slurm_cluster(tmp_path_factory):
     missing = [c for c in NEEDS if shutil.which(c) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} missing: run `bash infra/ci/install-services.sh`")
+    # root without CAP_NET_ADMIN/CAP_SYS_ADMIN (an unprivileged container) cannot make namespaces: skip, not fail
+    probe = subprocess.run(["unshare", "--net", "--uts", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"this machine cannot create network namespaces ({probe.stderr.strip()}): the local cluster "
+                    f"needs root with CAP_NET_ADMIN and CAP_SYS_ADMIN (a privileged container)")
     # One such cluster per machine (its namespace names are fixed): a second pytest run waits here for the first
     lock = open(LOCK, "w")
     deadline = time.monotonic() + 1800

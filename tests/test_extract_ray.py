@@ -7,12 +7,16 @@ Skipped when Ray is not installed (`pip install ray`): Ray is an optional extra,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -89,9 +93,33 @@ def ray_on_two_nodes(slurm_cluster):
             assert started.returncode == 0, f"ray start on {node}:\n{started.stdout}\n{started.stderr}"
         yield {**env, "RAY_ADDRESS": f"{HEAD}:6379"}
     finally:
-        for node in slurm_cluster.nodes:
-            slurm_cluster.run_on(node, [str(RAY), "stop", "--force"], env=env, timeout=60)
+        stop_ray(slurm_cluster.nodes)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_ray(nodes) -> None:
+    """End the Ray processes of the nodes' namespaces only. Not `ray stop`: it matches processes by name across the
+    machine (the nodes share its PID namespace), so it would also end the local_ray fixture's instance and any other
+    Ray on the machine. slurmd, sshd and munged have no "ray" in their command lines; Ray's workers, raylet and GCS
+    do (the venv's ray package, ray::, or the c2c-ray- temp dir)."""
+    def ray_pids() -> list[int]:
+        found = []
+        for node in nodes:
+            for pid in subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True).stdout.split():
+                try:
+                    if b"ray" in Path(f"/proc/{pid}/cmdline").read_bytes().lower():
+                        found.append(int(pid))
+                except OSError:  # gone meanwhile
+                    continue
+        return found
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ray_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 15
+        while ray_pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def test_ray_on_two_nodes_matches_local(slurm_cluster, ray_on_two_nodes, download_artifact, local_run, tmp_path):

@@ -68,9 +68,11 @@ def test_squeue_failing_on_and_on_is_a_stage_error(monkeypatch):
 
 def test_a_chain_that_cannot_finish_is_cancelled(monkeypatch):
     # Job 5 (the first array) ended with a task unfinished, so 6 can never start (afterok) and 7 waits on 6 forever
-    # ("Dependency", not "...NeverSatisfied"): the stage must see it from 5 and 6, not wait on 7
-    calls = fake_slurm(monkeypatch, [subprocess.CompletedProcess([], 0, "6 DependencyNeverSatisfied\n7 Dependency\n",
-                                                                 "")])
+    # ("Dependency", not "...NeverSatisfied"): the stage must see it from 5 and 6, not wait on 7. A job is taken
+    # as gone unfinished only when two polls in a row say so (its markers may show late on shared storage).
+    queue = subprocess.CompletedProcess([], 0, "6 Dependency\n7 Dependency\n", "")
+    never = subprocess.CompletedProcess([], 0, "6 DependencyNeverSatisfied\n7 Dependency\n", "")
+    calls = fake_slurm(monkeypatch, [queue, never])
     with pytest.raises(StageError, match=r"extract-5 \(5\), extract-6 \(6\) cannot finish.*cancelled .*\(6, 7\)"):
         extract_executors.wait_for_slurm([FakeArray("5"), FakeArray("6"), FakeArray("7")], Path("logs"))
     assert calls[-1] == ["scancel", "6", "7"]

@@ -128,7 +128,8 @@ def test_commit_makes_everything_durable_before_the_rename_and_the_rename_after(
 
 def test_two_machines_on_one_shared_folder_build_once(slurm_cluster, tmp_path):  # noqa: F811
     """The same, from two "machines": each build runs on its own node of the local cluster (network namespaces
-    with their own hostnames; the folder is shared as an NFS mount would be, and the lock is the kernel's)."""
+    with their own hostnames and addresses). They share one kernel, so this checks the lock across hosts' names
+    and processes, not NFS's own locking."""
     log = tmp_path / "log"
     runs = []
     for node in slurm_cluster.nodes:
@@ -138,5 +139,5 @@ def test_two_machines_on_one_shared_folder_build_once(slurm_cluster, tmp_path): 
         wait_for(lambda: events(log))  # node1 is building before node2 asks
     results = sorted(finish(r)[0] for r in runs)
     assert results == ["built", "reused"] and events(log) == ["start a", "end a"]
-    holder = (tmp_path / "store" / "slow" / ".staging").glob("*.lock")
-    assert {p.read_text().split()[0] for p in holder} <= set(slurm_cluster.nodes)  # a node's hostname
+    locks = list((tmp_path / "store" / "slow" / ".staging").glob("*.lock"))
+    assert len(locks) == 1 and locks[0].read_text().split()[0] in slurm_cluster.nodes  # the last holder: a node
